@@ -1,0 +1,20 @@
+"""DreamerV2 in TensorFlow 2 / Keras 3.
+
+Importing the package is cheap: TensorFlow-heavy modules load on first use.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["train", "Config", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Config":
+        from dreamerv2_tf.config import Config
+
+        return Config
+    if name == "train":
+        from dreamerv2_tf.train import train
+
+        return train
+    raise AttributeError(f"module 'dreamerv2_tf' has no attribute '{name}'")

@@ -1,0 +1,317 @@
+"""Named YAML configs, merged in order, with dotted and regex overrides from the CLI.
+
+`configs.yaml` holds named configs. `defaults` defines every key and, through
+its values, every key's type; other named configs and command-line flags may
+only change existing keys, and their values are coerced to the default's type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_FILE = Path(__file__).resolve().parent.parent / "configs.yaml"
+
+# Keys that accept a schedule string such as `linear(3e-3,1e-4,1e6)` besides a number.
+SCHEDULABLE = ("actor_ent", "actor_grad_mix")
+SCHEDULE_RE = re.compile(r"^linear\(\s*[-+.\deE]+\s*,\s*[-+.\deE]+\s*,\s*[-+.\deE]+\s*\)$")
+
+# Flags handled by the loader itself, not config keys.
+META_FLAGS = ("configs", "print_config", "help")
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+class ConfigError(ValueError):
+    """A user mistake in configs or flags; scripts print it as one line and exit 2."""
+
+
+class Config(Mapping):
+    """Immutable nested mapping with attribute access: `config.rssm.deter`."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None):
+        items = {}
+        for key, value in (data or {}).items():
+            items[key] = Config(value) if isinstance(value, Mapping) else _freeze(value)
+        object.__setattr__(self, "_data", items)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no key '{name}'") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is immutable; use config.update({...})")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for key, value in self._data.items():
+            if isinstance(value, Config):
+                out[key] = value.to_dict()
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+            else:
+                out[key] = value
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """Leaf values by dotted key, e.g. {'rssm.deter': 600}."""
+        return _flatten(self.to_dict())
+
+    def update(self, overrides: Mapping[str, Any]) -> Config:
+        """Return a copy with overrides applied; keys may be dotted paths or regexes."""
+        flat = self.flat()
+        for key, value in _flatten(overrides).items():
+            for match in _matching_keys(key, flat):
+                flat[match] = coerce(match, value, flat[match])
+        return Config(_unflatten(flat))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        return cls(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _parse_numbers(value: Any) -> Any:
+    """YAML reads `1e6` as a string; in defaults, such strings become numbers.
+
+    Exponent literals without a fraction or negative exponent (`5e7`) are counts
+    and become ints; all others (`1e-4`, `2.5e5`) become floats.
+    """
+    if isinstance(value, Mapping):
+        return {key: _parse_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_parse_numbers(item) for item in value]
+    if isinstance(value, str) and NUMBER_RE.match(value):
+        if re.fullmatch(r"[-+]?\d+[eE]\+?\d+", value):
+            return int(float(value))
+        return float(value)
+    return value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _matching_keys(key: str, flat: Mapping[str, Any]) -> list[str]:
+    if key in flat:
+        return [key]
+    if re.escape(key) != key.replace(".", r"\."):  # contains regex syntax beyond dots
+        try:
+            pattern = re.compile(key)
+        except re.error as exc:
+            raise ConfigError(f"invalid key pattern '{key}': {exc}") from None
+        matches = [name for name in flat if pattern.fullmatch(name)]
+        if matches:
+            return matches
+        raise ConfigError(f"key pattern '{key}' matches no config key")
+    close = difflib.get_close_matches(key, list(flat), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert `value` (a YAML value or a CLI string) to the type of `default`."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in SCHEDULABLE and isinstance(value, str) and SCHEDULE_RE.match(value.replace(" ", "")):
+        return value.replace(" ", "")
+    if isinstance(default, bool):
+        return _to_bool(key, value)
+    if isinstance(default, int):
+        return _to_int(key, value)
+    if isinstance(default, float):
+        return _to_float(key, value)
+    if isinstance(default, str):
+        if isinstance(value, (list, tuple, Mapping)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,\s]+", value.strip("[]() ")) if part]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        proto = default[0] if default else ""
+        return tuple(coerce(key, item, proto) for item in value)
+    if default is None:
+        return value
+    raise ConfigError(f"{key}: unsupported default type {type(default).__name__}")
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        extra = " or a schedule like linear(3e-3,1e-4,1e6)" if key.rsplit(".", 1)[-1] in SCHEDULABLE else ""
+        raise ConfigError(f"{key}: expected a number{extra}, got {value!r}") from None
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(number)
+
+
+def read_named_configs(path: str | Path = CONFIGS_FILE) -> dict[str, dict[str, Any]]:
+    try:
+        named = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configs file {path}: {exc}") from None
+    if not isinstance(named, dict) or "defaults" not in named:
+        raise ConfigError(f"configs file {path} must map names to configs and define 'defaults'")
+    return named
+
+
+def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | None = None,
+          path: str | Path = CONFIGS_FILE) -> Config:
+    """Merge named configs in order over `defaults`, then apply overrides."""
+    named = read_named_configs(path)
+    config = Config(_parse_numbers(named["defaults"]))
+    for name in names:
+        if name == "defaults":
+            continue
+        if name not in named:
+            choices = ", ".join(sorted(named))
+            raise ConfigError(f"unknown config name '{name}'; choices: {choices}")
+        config = config.update(named[name] or {})
+    return config.update(overrides or {})
+
+
+def split_flags(argv: Sequence[str]) -> dict[str, list[str]]:
+    """`--key v1 v2 --flag` -> {'key': ['v1', 'v2'], 'flag': []}; `--key=v` also works."""
+    flags: dict[str, list[str]] = {}
+    current = None
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            current = name
+            flags[current] = [value] if eq else []
+        elif current is None:
+            raise ConfigError(f"unexpected argument '{token}'; flags look like --key value")
+        else:
+            flags[current].append(token)
+    return flags
+
+
+def parse(argv: Sequence[str], path: str | Path = CONFIGS_FILE) -> tuple[Config, dict[str, Any]]:
+    """Parse CLI flags into a config and the loader's own options (print_config, help)."""
+    flags = split_flags(argv)
+    names = flags.pop("configs", ["defaults"]) or ["defaults"]
+    options = {"help": "help" in flags, "print_config": False}
+    flags.pop("help", None)
+    if "print_config" in flags:
+        options["print_config"] = _to_bool("print_config", (flags.pop("print_config") or ["true"])[0])
+    overrides = {}
+    for key, values in flags.items():
+        if not values:
+            raise ConfigError(f"--{key} needs a value")
+        overrides[key] = values[0] if len(values) == 1 else values
+    return build(names, overrides, path), options
+
+
+def usage(path: str | Path = CONFIGS_FILE, prog: str = "train.py") -> str:
+    named = read_named_configs(path)
+    return "\n".join([
+        f"usage: python scripts/{prog} [--configs NAME ...] [--KEY VALUE ...] [--print_config]",
+        "",
+        f"named configs (applied in order over defaults): {', '.join(named)}",
+        "override any key: --task atari_breakout --rssm.deter 200 --model_opt.lr 1e-4",
+        "lists: --log_keys_video image  or  --encoder.cnn_kernels 4,4,4,4",
+        "regex keys apply to every match: --'.*\\.norm' layer",
+        "--print_config prints the resolved config as YAML and exits.",
+    ])
+
+
+def from_cli(argv: Sequence[str] | None = None, prog: str = "train.py",
+             path: str | Path = CONFIGS_FILE) -> Config:
+    """Config for a script: handles --help/--print_config and exits 2 on user errors."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, options = parse(argv, path)
+        if options["help"]:
+            print(usage(path, prog))
+            sys.exit(0)
+    except ConfigError as exc:
+        fail(str(exc))
+    if options["print_config"]:
+        print(config.to_yaml(), end="")
+        sys.exit(0)
+    return config
+
+
+def fail(message: str) -> None:
+    """Report a user mistake as one line on stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
