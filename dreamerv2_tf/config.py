@@ -42,6 +42,10 @@ class Config(Mapping):
         object.__setattr__(self, "_data", items)
 
     def __getattr__(self, name: str) -> Any:
+        # Private and dunder lookups (copy, pickle probe `__setstate__` before `_data` exists)
+        # must not recurse into `_data`.
+        if name.startswith("__") or name == "_data":
+            raise AttributeError(name)
         try:
             return self._data[name]
         except KeyError:
@@ -49,6 +53,13 @@ class Config(Mapping):
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is immutable; use config.update({...})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Config is immutable; use config.update({...})")
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        # Pickle (e.g. for env worker processes) and deepcopy rebuild from plain data.
+        return (Config, (self.to_dict(),))
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -63,15 +74,7 @@ class Config(Mapping):
         return f"Config({self.to_dict()})"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for key, value in self._data.items():
-            if isinstance(value, Config):
-                out[key] = value.to_dict()
-            elif isinstance(value, tuple):
-                out[key] = list(value)
-            else:
-                out[key] = value
-        return out
+        return {key: _thaw(value) for key, value in self._data.items()}
 
     def flat(self) -> dict[str, Any]:
         """Leaf values by dotted key, e.g. {'rssm.deter': 600}."""
@@ -79,11 +82,7 @@ class Config(Mapping):
 
     def update(self, overrides: Mapping[str, Any]) -> Config:
         """Return a copy with overrides applied; keys may be dotted paths or regexes."""
-        flat = self.flat()
-        for key, value in _flatten(overrides).items():
-            for match in _matching_keys(key, flat):
-                flat[match] = coerce(match, value, flat[match])
-        return Config(_unflatten(flat))
+        return _apply(self, overrides, self.flat())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
@@ -100,7 +99,34 @@ class Config(Mapping):
 
 
 def _freeze(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    """Lists become tuples and mappings Configs, at any depth, so nothing inside is mutable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(item) for item in value)
+    if isinstance(value, Mapping):
+        return Config(value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Inverse of `_freeze`: plain dicts and lists, as YAML writes them."""
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_thaw(item) for item in value]
+    return value
+
+
+def _apply(config: Config, overrides: Mapping[str, Any], reference: Mapping[str, Any]) -> Config:
+    """Apply overrides to `config`, coercing each value to the type of its key in `reference`.
+
+    `build` passes the flattened defaults as reference, so a key keeps its type even after
+    another named config emptied a list or set a schedule string.
+    """
+    flat = config.flat()
+    for key, value in _flatten(overrides).items():
+        for match in _matching_keys(key, flat):
+            flat[match] = coerce(match, value, reference.get(match, flat[match]))
+    return Config(_unflatten(flat))
 
 
 NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -148,6 +174,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def _matching_keys(key: str, flat: Mapping[str, Any]) -> list[str]:
     if key in flat:
         return [key]
+    close = difflib.get_close_matches(key, list(flat), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
     if re.escape(key) != key.replace(".", r"\."):  # contains regex syntax beyond dots
         try:
             pattern = re.compile(key)
@@ -156,17 +184,18 @@ def _matching_keys(key: str, flat: Mapping[str, Any]) -> list[str]:
         matches = [name for name in flat if pattern.fullmatch(name)]
         if matches:
             return matches
-        raise ConfigError(f"key pattern '{key}' matches no config key")
-    close = difflib.get_close_matches(key, list(flat), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"key pattern '{key}' matches no config key{hint}")
     raise ConfigError(f"unknown config key '{key}'{hint}")
 
 
 def coerce(key: str, value: Any, default: Any) -> Any:
     """Convert `value` (a YAML value or a CLI string) to the type of `default`."""
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in SCHEDULABLE and isinstance(value, str) and SCHEDULE_RE.match(value.replace(" ", "")):
-        return value.replace(" ", "")
+    if leaf in SCHEDULABLE:
+        # A number or a schedule, whatever the current value is (it may already be a schedule).
+        if isinstance(value, str) and SCHEDULE_RE.match(value.replace(" ", "")):
+            return value.replace(" ", "")
+        return _to_float(key, value)
     if isinstance(default, bool):
         return _to_bool(key, value)
     if isinstance(default, int):
@@ -174,7 +203,7 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, float):
         return _to_float(key, value)
     if isinstance(default, str):
-        if isinstance(value, (list, tuple, Mapping)):
+        if value is None or isinstance(value, (list, tuple, Mapping)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if isinstance(default, (list, tuple)):
@@ -215,6 +244,8 @@ def _to_int(key: str, value: Any) -> int:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if isinstance(value, int):
         return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)  # exact, where float() would round integers above 2**53
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -239,14 +270,17 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
     """Merge named configs in order over `defaults`, then apply overrides."""
     named = read_named_configs(path)
     config = Config(_parse_numbers(named["defaults"]))
+    types = config.flat()  # every later value is coerced to its key's type in defaults
     for name in names:
         if name == "defaults":
             continue
         if name not in named:
             choices = ", ".join(sorted(named))
             raise ConfigError(f"unknown config name '{name}'; choices: {choices}")
-        config = config.update(named[name] or {})
-    return config.update(overrides or {})
+        if not isinstance(named[name] or {}, Mapping):
+            raise ConfigError(f"named config '{name}' in {path} must map keys to values")
+        config = _apply(config, named[name] or {}, types)
+    return _apply(config, overrides or {}, types)
 
 
 def split_flags(argv: Sequence[str]) -> dict[str, list[str]]:
@@ -254,6 +288,8 @@ def split_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     flags: dict[str, list[str]] = {}
     current = None
     for token in argv:
+        if token == "-h":
+            token = "--help"
         if token.startswith("--") and len(token) > 2:
             name, eq, value = token[2:].partition("=")
             current = name
@@ -299,10 +335,11 @@ def from_cli(argv: Sequence[str] | None = None, prog: str = "train.py",
     """Config for a script: handles --help/--print_config and exits 2 on user errors."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config, options = parse(argv, path)
-        if options["help"]:
+        # Help must work even when other flags are wrong.
+        if any(token in ("-h", "--help") or token.startswith("--help=") for token in argv):
             print(usage(path, prog))
             sys.exit(0)
+        config, options = parse(argv, path)
     except ConfigError as exc:
         fail(str(exc))
     if options["print_config"]:
@@ -313,5 +350,6 @@ def from_cli(argv: Sequence[str] | None = None, prog: str = "train.py",
 
 def fail(message: str) -> None:
     """Report a user mistake as one line on stderr and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr)
+    line = " ".join(str(message).split())  # e.g. YAML parser errors span several lines
+    print(f"error: {line}", file=sys.stderr)
     sys.exit(2)
