@@ -1,0 +1,518 @@
+"""Run output: metrics.jsonl, TensorBoard scalars and GIF videos, terminal lines, progress.
+
+The module is named `logger` rather than `logging` so it can never shadow the
+standard library when the package directory ends up on `sys.path`.
+
+Layout written into the run's logdir:
+
+  metrics.jsonl                 one JSON object per `Logger.write()`: step, frames, time, scalars
+  events.out.tfevents.*         TensorBoard scalars and videos (GIF image summaries)
+  videos/<name>_<step>.gif      the newest few videos per name
+
+TensorFlow is imported only when the first TensorBoard writer is created, so
+scripts that just read metrics stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+VIDEOS_DIR = "videos"
+
+# Scalars shown in the terminal line, in this order: returns, the main losses, throughput.
+TERMINAL_KEYS = (
+    r".*return$",
+    r".*model_loss$",
+    r".*actor_loss$",
+    r".*critic_loss$",
+    r"^fps$",
+    r"^updates_per_s$",
+)
+# Shown instead when no scalar matches TERMINAL_KEYS, so a write never prints an empty line.
+TERMINAL_FALLBACK = 4
+
+
+class Logger:
+    """Collects scalars and videos between writes and sends them to every output at once.
+
+    `step` is the agent step source: a callable returning it, or any counter
+    that `int()` accepts (an int-like object or a tf.Variable). Frames are
+    `step * action_repeat`. A scalar added several times between two writes is
+    written as the mean of its values.
+    """
+
+    def __init__(
+        self,
+        logdir: str | Path,
+        step: Callable[[], int] | Any,
+        action_repeat: int = 1,
+        tensorboard: bool = True,
+        terminal: bool = True,
+        video_fps: int = 20,
+        videos_keep: int = 5,
+        terminal_keys: tuple[str, ...] = TERMINAL_KEYS,
+    ):
+        if not callable(step):
+            try:
+                int(step)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"Logger step must be a callable returning the agent step or an int-like counter, "
+                    f"got {type(step).__name__}"
+                ) from None
+        if not _is_int(action_repeat) or action_repeat < 1:
+            raise ValueError(f"Logger action_repeat must be an integer >= 1, got {action_repeat!r}")
+        if not _is_int(video_fps) or video_fps < 1:
+            raise ValueError(f"Logger video_fps must be an integer >= 1, got {video_fps!r}")
+        if not _is_int(videos_keep) or videos_keep < 0:
+            raise ValueError(f"Logger videos_keep must be an integer >= 0 (0 keeps all), got {videos_keep!r}")
+        self.logdir = Path(logdir).expanduser()
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._step_source = step
+        self.action_repeat = int(action_repeat)
+        self.video_fps = int(video_fps)
+        self.videos_keep = int(videos_keep)
+        self._use_tensorboard = tensorboard
+        self._use_terminal = terminal
+        self._terminal_patterns = [re.compile(pattern) for pattern in terminal_keys]
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._videos: dict[str, np.ndarray] = {}
+        self._writer = None
+        self._closed = False
+        self._checked_file_end = False
+        # Baselines for rates; measured from construction so a resumed run starts at its own step.
+        now = time.time()
+        self._fps_last = (now, self.frames)
+        self._updates_last: tuple[float, int] | None = None
+
+    # Step and frame counters.
+
+    @property
+    def step(self) -> int:
+        source = self._step_source
+        return int(source() if callable(source) else source)
+
+    @property
+    def frames(self) -> int:
+        return self.step * self.action_repeat
+
+    # Collecting.
+
+    def scalar(self, name: str, value: Any) -> None:
+        """Adds a scalar; numbers, bools, numpy and TensorFlow scalars are accepted."""
+        _check_name(name)
+        number = _to_float(name, value)
+        self._sums[name] = self._sums.get(name, 0.0) + number
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def video(self, name: str, frames: Any) -> None:
+        """Adds a video: [T, H, W, C] or [B, T, H, W, C] (tiled side by side), uint8 or float in [0, 1]."""
+        _check_name(name)
+        self._videos[name] = _video_frames(name, frames)
+
+    def add(self, metrics: Mapping[str, Any], prefix: str | None = None) -> None:
+        """Adds every entry: scalars (ndim 0 or size 1) and videos (ndim 4 or 5).
+
+        With a prefix, 'loss' becomes '<prefix>_loss'.
+        """
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"Logger.add expects a mapping of name to value, got {type(metrics).__name__}")
+        for key, value in metrics.items():
+            name = f"{prefix}_{key}" if prefix else str(key)
+            array = _to_numpy(value)
+            if array.ndim in (4, 5):
+                self.video(name, array)
+            elif array.size == 1 and array.ndim <= 1:
+                self.scalar(name, array.reshape(()))
+            else:
+                raise ValueError(
+                    f"metric '{name}' has shape {tuple(array.shape)}; expected a scalar, "
+                    f"a video [T,H,W,C] or a batch of videos [B,T,H,W,C]"
+                )
+
+    def rates(self, updates: int) -> None:
+        """Adds 'updates_per_s' from the total number of gradient updates done so far.
+
+        The first call only sets the baseline, since the time of earlier updates is unknown.
+        """
+        if not _is_int(updates) or updates < 0:
+            raise ValueError(f"Logger.rates expects the total number of updates (int >= 0), got {updates!r}")
+        now = time.time()
+        if self._updates_last is not None:
+            last_time, last_updates = self._updates_last
+            if now > last_time and updates >= last_updates:
+                self.scalar("updates_per_s", (updates - last_updates) / (now - last_time))
+        self._updates_last = (now, int(updates))
+
+    # Writing.
+
+    def write(self, fps: bool = False) -> None:
+        """Flushes everything collected since the last write to all outputs.
+
+        With fps=True also adds 'fps' (environment frames per second since the
+        previous fps measurement) and 'ram_mb' (resident memory of this process).
+        A write with no scalars appends no JSON line.
+        """
+        if self._closed:
+            raise ValueError("Logger.write called after close(); create a new Logger to keep logging")
+        step, frames = self.step, self.frames
+        if fps:
+            self._add_resources(frames)
+        scalars = {name: self._sums[name] / self._counts[name] for name in self._sums}
+        videos = self._videos
+        self._sums, self._counts, self._videos = {}, {}, {}
+        if not scalars and not videos:
+            return
+        if scalars:
+            self._write_jsonl(step, frames, scalars)
+        # Encode each video once: the same GIF goes to its file and to TensorBoard.
+        gifs = {name: (array.shape, encode_gif(array, self.video_fps)) for name, array in videos.items()}
+        for name, (_, gif) in gifs.items():
+            self._write_gif_file(name, step, gif)
+        if self._use_tensorboard:
+            self._write_tensorboard(step, scalars, gifs)
+        if self._use_terminal and scalars:
+            _print_line(self.terminal_line(step, frames, scalars))
+
+    def terminal_line(self, step: int, frames: int, scalars: Mapping[str, float]) -> str:
+        """The line write() prints, e.g. '[1,000 | 4,000 frames] train_return 20 / fps 312'."""
+        chosen: list[str] = []
+        for pattern in self._terminal_patterns:
+            chosen += sorted(k for k in scalars if pattern.match(k) and k not in chosen)
+        if not chosen:
+            chosen = list(scalars)[:TERMINAL_FALLBACK]
+        parts = " / ".join(f"{key} {_format_number(scalars[key])}" for key in chosen)
+        return f"[{step:,} | {frames:,} frames] {parts}".rstrip()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer; further writes raise."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Internals.
+
+    def _add_resources(self, frames: int) -> None:
+        now = time.time()
+        last_time, last_frames = self._fps_last
+        if now > last_time and frames >= last_frames:
+            self.scalar("fps", (frames - last_frames) / (now - last_time))
+        self._fps_last = (now, frames)
+        try:
+            import psutil
+
+            self.scalar("ram_mb", psutil.Process().memory_info().rss / 2**20)
+        except (ImportError, OSError):  # Memory is a nice-to-have; never stop a run over it.
+            pass
+
+    def _write_jsonl(self, step: int, frames: int, scalars: Mapping[str, float]) -> None:
+        record: dict[str, Any] = {"step": step, "frames": frames, "time": round(time.time(), 3)}
+        for name, value in scalars.items():
+            record[name] = value if math.isfinite(value) else None
+        line = json.dumps(record, allow_nan=False)
+        path = self.logdir / METRICS_FILE
+        with open(path, "a+b") as file:
+            if not self._checked_file_end:
+                # A crash can leave a partial last line; start on a fresh line so only that one is lost.
+                self._checked_file_end = True
+                file.seek(0, os.SEEK_END)
+                if file.tell() > 0:
+                    file.seek(-1, os.SEEK_END)
+                    if file.read(1) != b"\n":
+                        file.write(b"\n")
+            file.write(line.encode("utf-8") + b"\n")
+
+    def _write_gif_file(self, name: str, step: int, gif: bytes) -> None:
+        directory = self.logdir / VIDEOS_DIR
+        directory.mkdir(exist_ok=True)
+        safe = _safe_filename(name)
+        (directory / f"{safe}_{step}.gif").write_bytes(gif)
+        if self.videos_keep:
+            pattern = re.compile(rf"^{re.escape(safe)}_(\d+)\.gif$")
+            found = sorted(
+                (int(match.group(1)), path)
+                for path in directory.iterdir()
+                if (match := pattern.match(path.name))
+            )
+            for _, path in found[: -self.videos_keep]:
+                path.unlink(missing_ok=True)
+
+    def _write_tensorboard(
+        self, step: int, scalars: Mapping[str, float], gifs: Mapping[str, tuple[tuple[int, ...], bytes]]
+    ) -> None:
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.logdir))
+        with self._writer.as_default():
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value, step=step)
+            for name, (shape, gif) in gifs.items():
+                height, width = shape[1:3]
+                # The image plugin's tensor layout: [width, height, encoded image...]; a GIF blob animates.
+                tensor = tf.constant([str(width).encode(), str(height).encode(), gif], dtype=tf.string)
+                tf.summary.write(name, tensor, step=step, metadata=_image_metadata(name))
+        self._writer.flush()
+
+
+class Progress:
+    """Progress for a long phase (prefill, training towards `steps`) with rate and ETA.
+
+    On a terminal this is a tqdm bar. Otherwise (logs redirected to a file, CI)
+    it prints a plain line each time another `every` fraction of the total is
+    done, so log files stay readable.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        initial: int = 0,
+        unit: str = "steps",
+        every: float = 0.1,
+        file: IO[str] | None = None,
+        enabled: bool = True,
+    ):
+        if not _is_int(total) or total < 0:
+            raise ValueError(f"Progress total must be an integer >= 0, got {total!r}")
+        if not _is_int(initial) or initial < 0:
+            raise ValueError(f"Progress initial must be an integer >= 0, got {initial!r}")
+        if not isinstance(every, int | float) or not 0 < every <= 1:
+            raise ValueError(f"Progress every must be a fraction in (0, 1], got {every!r}")
+        self.total = int(total)
+        self.desc = desc
+        self.unit = unit
+        self.n = int(initial)
+        self._initial = int(initial)
+        self._every = every
+        self._file = file if file is not None else sys.stdout
+        self._enabled = enabled
+        self._start = time.time()
+        self._closed = False
+        self._last_printed: int | None = None
+        self._bar = None
+        if enabled and _isatty(self._file):
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total,
+                desc=desc,
+                initial=self.n,
+                unit=f" {unit}",
+                # SI prefixes (1.23M/50.0M) only where exact counts get hard to read.
+                unit_scale=self.total >= 10_000,
+                dynamic_ncols=True,
+                file=self._file,
+                smoothing=0.1,
+            )
+        # Plain mode prints when the done fraction crosses the next multiple of `every`.
+        self._next_mark = self._mark_after(self.n)
+
+    def update(self, n: int = 1) -> None:
+        """Advances by n units."""
+        if n < 0:
+            raise ValueError(f"Progress.update expects n >= 0, got {n!r}")
+        self.n += int(n)
+        if self._bar is not None:
+            self._bar.update(int(n))
+        elif self._enabled and self.total and self.n >= self._next_mark:
+            self._print_plain()
+            self._next_mark = self._mark_after(self.n)
+
+    def update_to(self, value: int) -> None:
+        """Advances to an absolute count, e.g. the agent step; never moves backwards."""
+        if value > self.n:
+            self.update(int(value) - self.n)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        elif self._enabled and self.n > self._initial and self._last_printed != self.n:
+            self._print_plain()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _mark_after(self, n: int) -> float:
+        if not self.total:
+            return math.inf
+        step = self._every * self.total
+        return (math.floor(n / step + 1e-9) + 1) * step
+
+    def _print_plain(self) -> None:
+        elapsed = time.time() - self._start
+        done = self.n - self._initial
+        rate = done / elapsed if elapsed > 0 else 0.0
+        percent = 100.0 * self.n / self.total if self.total else 100.0
+        line = f"{self.desc}: {percent:3.0f}% {self.n:,}/{self.total:,} {self.unit}"
+        line += f", {_format_number(rate)} {self.unit}/s"
+        if rate > 0 and self.n < self.total:
+            line += f", ETA {_format_duration((self.total - self.n) / rate)}"
+        _print_line(line, self._file)
+        self._last_printed = self.n
+
+
+def read_metrics(path: str | Path, null_as_nan: bool = True) -> list[dict[str, Any]]:
+    """Reads metrics.jsonl (or the one inside a logdir) into a list of dicts.
+
+    Lines that are not valid JSON objects (a partial line left by a crash) are
+    skipped with a warning naming the file and line number. Null values (NaN
+    or inf when written) become float('nan') unless null_as_nan is False.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path} (expected a logdir or a {METRICS_FILE} file)")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                message = f"{path}:{number}: skipping a line that is not a complete JSON object"
+                warnings.warn(message, stacklevel=2)
+                continue
+            if null_as_nan:
+                record = {key: math.nan if value is None else value for key, value in record.items()}
+            records.append(record)
+    return records
+
+
+def encode_gif(frames: np.ndarray, fps: int = 20) -> bytes:
+    """Encodes [T, H, W, C] uint8 frames (C = 1 or 3) as a looping animated GIF."""
+    import imageio.v3 as iio
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.dtype != np.uint8:
+        raise ValueError(f"encode_gif expects uint8 frames [T,H,W,1|3], got {frames.dtype} {frames.shape}")
+    if frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    # GIF stores frame delays in 10 ms units; the Pillow backend takes milliseconds.
+    return iio.imwrite("<bytes>", frames, extension=".gif", duration=round(1000 / fps), loop=0)
+
+
+# Helpers.
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "numpy") and callable(value.numpy):  # TensorFlow tensors and variables.
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _to_float(name: str, value: Any) -> float:
+    array = _to_numpy(value)
+    if (
+        array.size != 1
+        or array.ndim > 1
+        or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_)
+    ):
+        raise ValueError(f"scalar '{name}' must be a single number, got {array.dtype} of shape {array.shape}")
+    return float(array.reshape(()))
+
+
+def _video_frames(name: str, frames: Any) -> np.ndarray:
+    array = _to_numpy(frames)
+    if array.ndim == 5:  # [B, T, H, W, C] -> [T, H, B * W, C]: the batch side by side.
+        array = np.concatenate(list(array), axis=2)
+    if array.ndim != 4 or array.shape[-1] not in (1, 3) or min(array.shape) == 0:
+        raise ValueError(
+            f"video '{name}' has shape {tuple(np.shape(frames))}; expected [T,H,W,C] or [B,T,H,W,C] "
+            f"with C = 1 (grayscale) or 3 (RGB)"
+        )
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        return (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        return np.clip(array, 0, 255).astype(np.uint8)
+    raise ValueError(f"video '{name}' has dtype {array.dtype}; expected uint8 or float in [0, 1]")
+
+
+def _safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "video"
+
+
+def _format_number(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{seconds:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def _isatty(file: IO[str]) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _print_line(line: str, file: IO[str] | None = None) -> None:
+    # tqdm.write clears and redraws any active bar around the line instead of breaking it.
+    from tqdm import tqdm
+
+    tqdm.write(line, file=file if file is not None else sys.stdout)
+    (file if file is not None else sys.stdout).flush()
+
+
+def _image_metadata(name: str) -> bytes:
+    from tensorboard.compat.proto import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        display_name=name,
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"),
+    )
+    return metadata.SerializeToString()
