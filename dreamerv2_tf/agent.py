@@ -1,0 +1,153 @@
+"""The agent: world model plus actor-critic, with compiled `train` and `policy` graphs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dreamerv2_tf.behavior import ActorCritic
+from dreamerv2_tf.world_model import WorldModel
+
+PRECISIONS = ("auto", "32", "16", "bf16")
+POLICY_MODES = ("train", "eval", "explore", "random")
+EXPL_BEHAVIORS = ("greedy", "random")
+# Keys of an episode that are not model inputs.
+NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "discount")
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` is mixed float16 on a GPU with tensor cores (compute capability >= 7), else float32."""
+    precision = str(precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision != "auto":
+        return precision
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+        if capability and capability[0] >= 7:
+            return "16"
+    return "32"
+
+
+def set_precision(precision: str) -> str:
+    """Set the global Keras dtype policy; must run before any layer is built."""
+    precision = resolve_precision(precision)
+    policy = {"32": "float32", "16": "mixed_float16", "bf16": "mixed_bfloat16"}[precision]
+    keras.mixed_precision.set_global_policy(policy)
+    return precision
+
+
+def model_obs_shapes(obs_space: Mapping) -> dict[str, tuple]:
+    """Observation keys the model sees: everything but bookkeeping and `log_` keys."""
+    return {k: tuple(v.shape) for k, v in obs_space.items()
+            if k not in NON_OBS_KEYS and not k.startswith("log_")}
+
+
+def action_spec(act_space: Mapping) -> tuple[int, bool]:
+    """(action vector size, discrete?) from a gymnasium Discrete or Box `action` space."""
+    space = act_space["action"]
+    if hasattr(space, "n"):
+        return int(space.n), True
+    return int(np.prod(space.shape)), False
+
+
+class Agent(tf.Module):
+    """DreamerV2. Build it after `set_precision`; `train` and `policy` are tf.function graphs."""
+
+    def __init__(self, obs_space: Mapping, act_space: Mapping, config, precision: str | None = None):
+        super().__init__(name="agent")
+        self.precision = precision or resolve_precision(config.precision)
+        mixed16 = self.precision == "16"
+        if config.expl_behavior not in EXPL_BEHAVIORS:
+            raise ValueError(f"expl_behavior must be one of {', '.join(EXPL_BEHAVIORS)}, "
+                             f"got '{config.expl_behavior}'")
+        self.obs_shapes = model_obs_shapes(obs_space)
+        self.act_dim, self.discrete = action_spec(act_space)
+        self.expl_behavior = config.expl_behavior
+        self.expl_noise, self.eval_noise = config.expl_noise, config.eval_noise
+        self.video_keys = tuple(k for k in config.log_keys_video if len(self.obs_shapes.get(k, ())) == 3)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_updates")
+        self.wm = WorldModel(self.obs_shapes, self.act_dim, config, mixed16)
+        self.ac = ActorCritic(self.wm.rssm.feat_size, self.act_dim, self.discrete, config, mixed16)
+        self.wm.build()
+        self.ac.build()
+        self._train = tf.function(self._train_step, jit_compile=bool(config.jit), reduce_retracing=True)
+        self._report = tf.function(self._report_step)
+        self._policies = {mode: tf.function(lambda obs, state, m=mode: self._policy_step(obs, state, m))
+                          for mode in POLICY_MODES}
+
+    def param_counts(self) -> dict[str, int]:
+        count = lambda vs: int(sum(np.prod(v.shape) for v in vs))  # noqa: E731
+        return {"world_model": count(self.wm.variables_to_train),
+                "actor": count(self.ac.actor.trainable_variables),
+                "critic": count(self.ac.critic.trainable_variables)}
+
+    def initial_state(self, batch: int):
+        latent = self.wm.rssm.initial(batch)
+        return latent, tf.zeros([batch, self.act_dim], tf.float32)
+
+    def policy(self, obs: Mapping[str, np.ndarray], state=None, mode: str = "train"):
+        """Act on a batch of observations [N, ...]; returns ({'action': [N, A]}, state).
+
+        The recurrent state is carried between calls and reset where `is_first` is set.
+        """
+        if mode not in POLICY_MODES:
+            raise ValueError(f"policy mode must be one of {', '.join(POLICY_MODES)}, got '{mode}'")
+        obs = {k: tf.convert_to_tensor(obs[k]) for k in (*self.obs_shapes, "is_first")}
+        if state is None:
+            state = self.initial_state(int(obs["is_first"].shape[0]))
+        action, state = self._policies[mode](obs, state)
+        return {"action": action.numpy()}, state
+
+    def _policy_step(self, obs, state, mode: str):
+        latent, action = state
+        embed = self.wm.encoder(self.wm.preprocess(obs))
+        sample = mode != "eval"
+        latent, _ = self.wm.rssm.obs_step(latent, action, embed, obs["is_first"], sample)
+        feat = self.wm.rssm.get_feat(latent)
+        dist = self.ac.actor(feat)
+        if mode == "eval":
+            action, noise = dist.mode(), self.eval_noise
+        elif mode == "random" or (mode == "explore" and self.expl_behavior == "random"):
+            action, noise = self._random_action(tf.shape(feat)[0]), 0.0
+        else:
+            action, noise = dist.sample(), self.expl_noise
+        action = self._add_noise(tf.cast(action, tf.float32), noise)
+        return action, (latent, action)
+
+    def _random_action(self, batch) -> tf.Tensor:
+        if self.discrete:
+            index = tf.random.uniform([batch], 0, self.act_dim, tf.int32)
+            return tf.one_hot(index, self.act_dim)
+        return tf.random.uniform([batch, self.act_dim], -1.0, 1.0)
+
+    def _add_noise(self, action: tf.Tensor, amount: float) -> tf.Tensor:
+        if amount == 0:
+            return action
+        if self.discrete:
+            # With probability `amount`, a uniformly random action instead.
+            random = self._random_action(tf.shape(action)[0])
+            pick = tf.random.uniform(tf.shape(action)[:1]) < amount
+            return tf.where(pick[:, None], random, action)
+        return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
+
+    def train(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One update of world model, actor and critic on a batch [B, L, ...]."""
+        return self._train(dict(data))
+
+    def _train_step(self, data):
+        _, outputs, metrics = self.wm.train(data)
+        reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
+        metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
+        self.step.assign_add(1)
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    def report(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Open-loop video predictions (truth | model | error) for each video key."""
+        return self._report(dict(data)) if self.video_keys else {}
+
+    def _report_step(self, data):
+        return {f"openl_{key}": self.wm.video_pred(data, key) for key in self.video_keys}
