@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 
-class Optimizer:
+class Optimizer(tf.Module):
     """One optimizer per module (model, actor, critic), as in the paper (Table D1).
 
     Under a float16 policy the loss is scaled dynamically by Keras'
@@ -18,7 +18,7 @@ class Optimizer:
 
     def __init__(self, name: str, lr: float, eps: float = 1e-5, clip: float = 100.0, wd: float = 0.0,
                  mixed_float16: bool = False):
-        self.name = name
+        super().__init__(name=name)
         inner = keras.optimizers.Adam(
             learning_rate=lr, epsilon=eps, weight_decay=wd or None,
             global_clipnorm=clip or None, name=f"{name}_adam")
