@@ -145,7 +145,9 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
     print(f"logdir: {logdir.resolve()}")
     seed_everything(config.seed, config.deterministic)
     precision = set_precision(config.precision)
-    print(f"precision: {precision} ({'mixed float16' if precision == '16' else 'float32' if precision == '32' else 'mixed bfloat16'})")
+    dtypes = {"32": "float32", "16": "mixed float16", "bf16": "mixed bfloat16"}
+    origin = "; chosen by precision auto" if config.precision == "auto" else ""
+    print(f"precision: {precision} ({dtypes[precision]}{origin})")
 
     offline = bool(config.replay.directory)
     replay_dir = Path(config.replay.directory).expanduser() if offline else logdir / "train_episodes"
@@ -189,7 +191,8 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
                 logger.video(f"{prefix}_policy_{key}", episode[key])
                 last_video[prefix] = step.value
 
-    train_driver = Driver(train_envs, on_step=[train_replay.add_step, lambda tr, w: step.increment(0 if tr["is_first"] else 1)],
+    count_step = lambda tr, w: step.increment(0 if tr["is_first"] else 1)  # noqa: E731
+    train_driver = Driver(train_envs, on_step=[train_replay.add_step, count_step],
                           on_episode=[lambda ep, w: on_episode("train", ep, w)])
     eval_driver = Driver([eval_env], on_step=[eval_replay.add_step],
                          on_episode=[lambda ep, w: on_episode("eval", ep, w)])
