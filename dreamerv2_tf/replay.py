@@ -1,0 +1,310 @@
+"""Experience replay: a directory of .npz episodes, held in memory and sampled as fixed-length sequences.
+
+Episode format (arrays with a leading time axis T): observation keys, 'action'
+(float32, (T, A)), 'reward' (float32, (T,)), 'is_first', 'is_last',
+'is_terminal' (bool, (T,)) and optional 'log_*' keys. Step t holds obs_t, the
+action taken before it (zeros at t=0) and the reward received on arriving at it
+(0 at t=0). File names are `<UTC time>-<uuid hex>-<length>.npz`, so sorting by
+name sorts by time; files are written under a temporary name and renamed, so a
+crash never leaves a partial `.npz` behind.
+
+Sampling: episodes are drawn with probability proportional to their length
+(so every stored step is equally likely to start a sequence) and only if they
+have at least `minlen` steps; the start index is uniform, or with
+`prioritize_ends` drawn from [0, T] and clipped to T - length so that episode
+ends are seen often (paper section 2.1). A sequence shorter than requested is
+continued with another sampled episode; 'is_first' is True on the first step of
+every piece, so the model resets its state at each boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REQUIRED = ("action", "reward", "is_first", "is_last", "is_terminal")
+FLAGS = ("is_first", "is_last", "is_terminal")
+TEMP_SUFFIX = ".tmp"
+
+Episode = dict[str, np.ndarray]
+
+
+class EpisodeError(ValueError):
+    """An episode that does not follow the format above."""
+
+
+def normalize_episode(episode: Mapping[str, Any]) -> Episode:
+    """Copy an episode into canonical dtypes; EpisodeError when keys or lengths are wrong."""
+    missing = [key for key in REQUIRED if key not in episode]
+    if missing:
+        raise EpisodeError(f"episode is missing required keys {missing}; required: {', '.join(REQUIRED)}")
+    out: Episode = {}
+    for key, value in episode.items():
+        array = np.array(value)  # copies, so later changes by the caller cannot alter stored data
+        if array.dtype == object:
+            raise EpisodeError(f"episode key '{key}' holds Python objects, not a numeric array")
+        if key in FLAGS:
+            array = array.astype(bool)
+        elif key in ("action", "reward") or array.dtype == np.float64:
+            array = array.astype(np.float32)
+        out[key] = array
+    lengths = {key: (array.shape[0] if array.ndim else None) for key, array in out.items()}
+    length = lengths["reward"]
+    bad = sorted(key for key, value in lengths.items() if value != length)
+    if length is None or length < 1 or bad:
+        raise EpisodeError(f"episode arrays must share one leading time axis of length >= 1; "
+                           f"lengths by key: {lengths}")
+    if out["action"].ndim != 2:
+        raise EpisodeError(f"episode 'action' must have shape (T, A), got {out['action'].shape}")
+    return out
+
+
+def episode_length(episode: Mapping[str, np.ndarray]) -> int:
+    return int(len(episode["reward"]))
+
+
+def _signature(episode: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-step shape and dtype of the keys that are sampled (everything except log_ keys)."""
+    return {key: (value.shape[1:], value.dtype) for key, value in episode.items()
+            if not key.startswith("log_")}
+
+
+def episode_filename(length: int) -> str:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%f")
+    return f"{stamp}-{uuid.uuid4().hex}-{length}.npz"
+
+
+def save_episode(directory: str | Path, episode: Mapping[str, np.ndarray]) -> Path:
+    """Write one compressed .npz atomically: a temporary file in the same directory, then a rename."""
+    directory = Path(directory)
+    path = directory / episode_filename(episode_length(episode))
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        with open(temp, "wb") as file:
+            np.savez_compressed(file, **episode)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_episode(path: str | Path) -> Episode:
+    """Read and validate one episode file; EpisodeError (naming the file) when it is unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            raw = {key: data[key] for key in data.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise EpisodeError(f"cannot read episode file {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        return normalize_episode(raw)
+    except EpisodeError as exc:
+        raise EpisodeError(f"skipping episode file {path}: {exc}") from None
+
+
+class Replay:
+    """FIFO replay of whole episodes, mirrored to `directory` (files stay on disk when evicted)."""
+
+    def __init__(self, directory: str | Path, capacity: int = 0, minlen: int = 1, maxlen: int = 0,
+                 prioritize_ends: bool = False, seed: int = 0, load: bool = True):
+        if capacity < 0:
+            raise ValueError(f"replay capacity must be 0 (unlimited) or positive, got {capacity}")
+        if minlen < 1:
+            raise ValueError(f"replay minlen must be at least 1, got {minlen}")
+        if maxlen < 0:
+            raise ValueError(f"replay maxlen must be 0 (no limit) or positive, got {maxlen}")
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.capacity = int(capacity)
+        self.minlen = int(minlen)
+        self.maxlen = int(maxlen)
+        self.prioritize_ends = bool(prioritize_ends)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
+        self._episodes: collections.deque[Episode] = collections.deque()
+        self._num_steps = 0
+        self._total_steps = 0
+        self._total_episodes = 0
+        self._loaded_episodes = 0
+        self._skipped_files = 0
+        self._signature: dict | None = None
+        self._buffers: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._cumulative: np.ndarray | None = None  # cached sampling weights; None when stale
+        self._eligible: list[Episode] = []
+        if load:
+            self._load()
+
+    # ---- adding -------------------------------------------------------------------------------
+
+    def add_step(self, transition: Mapping[str, Any], worker: int = 0) -> Path | None:
+        """Buffer one step of `worker`'s episode; at is_last the episode is saved and added."""
+        buffer = self._buffers.setdefault(worker, [])
+        if transition["is_first"] and buffer:
+            buffer.clear()  # the previous episode was abandoned (e.g. the driver was reset)
+        buffer.append({key: np.array(value) for key, value in transition.items()})
+        if not transition["is_last"]:
+            return None
+        steps = self._buffers.pop(worker)
+        episode = {key: np.stack([step[key] for step in steps]) for key in steps[0]}
+        return self.add_episode(episode)
+
+    def add_episode(self, episode: Mapping[str, Any]) -> Path:
+        """Save one episode to the directory and add it to memory; returns the file path."""
+        episode = normalize_episode(episode)
+        self._check_signature(episode, "episode")
+        path = save_episode(self.directory, episode)
+        self._insert(episode)
+        return path
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def sample_sequence(self, length: int | None = None) -> Episode:
+        """One sequence of exactly `length` steps (default maxlen) without log_ keys."""
+        length = int(length or self.maxlen)
+        if length < 1:
+            raise ValueError("sample_sequence needs a positive length (or a replay maxlen)")
+        pieces = []
+        need = length
+        with self._lock:
+            episodes, cumulative = self._sampling_table()
+            keys = list(self._signature)
+            while need > 0:
+                index = int(np.searchsorted(cumulative, self._rng.uniform(0, cumulative[-1]), side="right"))
+                episode = episodes[min(index, len(episodes) - 1)]
+                total = episode_length(episode)
+                take = min(need, self.maxlen) if self.maxlen else need
+                if self.prioritize_ends:
+                    start = min(int(self._rng.integers(0, total + 1)), total - take)
+                else:
+                    start = int(self._rng.integers(0, max(total - take, 0) + 1))
+                start = max(start, 0)
+                piece = {key: episode[key][start:start + take] for key in keys}
+                piece["is_first"] = piece["is_first"].copy()
+                piece["is_first"][0] = True
+                pieces.append(piece)
+                need -= len(piece["reward"])
+        if len(pieces) == 1:
+            return {key: np.array(value) for key, value in pieces[0].items()}
+        return {key: np.concatenate([piece[key] for piece in pieces]) for key in keys}
+
+    def dataset(self, batch: int, length: int):
+        """tf.data.Dataset of dicts [batch, length, ...], sampled in the background and prefetched."""
+        import tensorflow as tf
+
+        if batch < 1 or length < 1:
+            raise ValueError(f"dataset batch and length must be positive, got batch={batch}, length={length}")
+        with self._lock:
+            self._sampling_table()  # fails early with a clear message when nothing can be sampled
+            signature = dict(self._signature)
+        spec = {key: tf.TensorSpec((length, *shape), tf.as_dtype(dtype)) for key, (shape, dtype) in
+                signature.items()}
+
+        def generate() -> Iterator[Episode]:
+            while True:
+                yield self.sample_sequence(length)
+
+        dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+        return dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    # ---- counts -------------------------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of the episodes held in memory."""
+        return self._num_steps
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._episodes)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps ever added to this replay, including episodes loaded from disk at start."""
+        return self._total_steps
+
+    @property
+    def total_episodes(self) -> int:
+        return self._total_episodes
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "replay_steps": self.num_steps,
+            "replay_episodes": self.num_episodes,
+            "replay_total_steps": self.total_steps,
+            "replay_total_episodes": self.total_episodes,
+            "replay_loaded_episodes": self._loaded_episodes,
+            "replay_skipped_files": self._skipped_files,
+        }
+
+    def episodes(self) -> list[Episode]:
+        """The episodes in memory, oldest first (shared arrays; do not modify them)."""
+        with self._lock:
+            return list(self._episodes)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Load existing episodes newest first until the capacity is reached."""
+        loaded: list[Episode] = []
+        steps = 0
+        for path in sorted(self.directory.glob("*.npz"), key=lambda item: item.name, reverse=True):
+            if self.capacity and steps >= self.capacity:
+                break
+            try:
+                episode = load_episode(path)
+                self._check_signature(episode, f"episode file {path}")
+            except EpisodeError as exc:
+                self._skipped_files += 1
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=3)
+                continue
+            loaded.append(episode)
+            steps += episode_length(episode)
+        for episode in reversed(loaded):
+            self._insert(episode)
+        self._loaded_episodes = len(loaded)
+
+    def _check_signature(self, episode: Episode, what: str) -> None:
+        signature = _signature(episode)
+        with self._lock:
+            if self._signature is None:
+                self._signature = signature
+                return
+            expected = self._signature
+        if signature != expected:
+            diff = sorted(set(signature) ^ set(expected)) or [
+                key for key in signature if signature[key] != expected[key]]
+            raise EpisodeError(f"{what} does not match the replay's keys, shapes or dtypes "
+                               f"(differs in {', '.join(diff)})")
+
+    def _insert(self, episode: Episode) -> None:
+        with self._lock:
+            self._episodes.append(episode)
+            length = episode_length(episode)
+            self._num_steps += length
+            self._total_steps += length
+            self._total_episodes += 1
+            # FIFO eviction of whole episodes; the newest one always stays.
+            while self.capacity and self._num_steps > self.capacity and len(self._episodes) > 1:
+                self._num_steps -= episode_length(self._episodes.popleft())
+            self._cumulative = None
+
+    def _sampling_table(self) -> tuple[list[Episode], np.ndarray]:
+        if self._cumulative is None:
+            self._eligible = [ep for ep in self._episodes if episode_length(ep) >= self.minlen]
+            lengths = np.array([episode_length(ep) for ep in self._eligible], np.float64)
+            self._cumulative = np.cumsum(lengths)
+        if not self._eligible:
+            raise ValueError(f"replay in {self.directory} has no episodes with at least {self.minlen} "
+                             f"steps to sample ({self.num_episodes} episodes held); collect data first")
+        return self._eligible, self._cumulative

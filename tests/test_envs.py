@@ -1,0 +1,347 @@
+"""Environments on real emulators and simulators (tiny budgets, no mocks)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from dreamerv2_tf.driver import random_policy
+from dreamerv2_tf.envs import base, make_env, make_envs
+from dreamerv2_tf.envs.atari import GAMES, STICKY_PROB
+
+FLAG_DTYPES = {"reward": np.float32, "is_first": np.bool_, "is_last": np.bool_, "is_terminal": np.bool_}
+
+
+def check_obs(env, obs):
+    assert set(obs) == set(env.obs_space)
+    for key, space in env.obs_space.items():
+        value = np.asarray(obs[key])
+        assert value.shape == space.shape, key
+        assert value.dtype == space.dtype, key
+    for key, dtype in FLAG_DTYPES.items():
+        assert np.asarray(obs[key]).dtype == dtype
+
+
+def run_random(env, steps, seed=0, stop_at_end=False):
+    """Step with random actions; returns the list of observations (resetting at episode ends)."""
+    policy = random_policy(env.act_space, 1, seed)
+    observations = [env.reset()]
+    for _ in range(steps):
+        if observations[-1]["is_last"]:
+            if stop_at_end:
+                break
+            observations.append(env.reset())
+        action, _ = policy({"is_first": np.zeros(1, bool)}, None)
+        observations.append(env.step({"action": action["action"][0]}))
+    return observations
+
+
+# ---- Atari ------------------------------------------------------------------------------------
+
+
+def test_atari_pong_protocol_spaces():
+    env = make_env("atari_pong", action_repeat=4)
+    try:
+        assert env.act_space["action"] == spaces.Discrete(18)
+        assert env.obs_space["image"].shape == (64, 64, 1)
+        first = env.reset()
+        check_obs(env, first)
+        assert first["is_first"] and not first["is_last"] and first["reward"] == 0
+        obs = env.step({"action": np.eye(18, dtype=np.float32)[3]})
+        check_obs(env, obs)
+        assert not obs["is_first"]
+        assert obs["image"].std() > 0  # a real rendered frame, not a blank buffer
+    finally:
+        env.close()
+
+
+def test_atari_options_rgb_minimal_actions():
+    env = make_env("atari_pong", action_repeat=4, size=(48, 40), atari={"grayscale": False, "all_actions": False})
+    try:
+        assert env.act_space["action"] == spaces.Discrete(6)  # Pong's minimal action set
+        obs = env.reset()
+        assert obs["image"].shape == (48, 40, 3) and obs["image"].dtype == np.uint8
+        assert env.step({"action": np.eye(6)[1]})["image"].shape == (48, 40, 3)
+    finally:
+        env.close()
+
+
+def test_atari_sticky_actions_repeat_previous_frame_action():
+    env = make_env("atari_pong", seed=3, action_repeat=4)
+    env.frame_log = []
+    rng = np.random.default_rng(0)
+    env.reset()
+    repeated = changed = 0
+    previous = env.frame_log[-1] if env.frame_log else 0
+    for _ in range(2000):
+        chosen = int(rng.integers(18))
+        start = len(env.frame_log)
+        obs = env.step({"action": np.eye(18)[chosen]})
+        for executed in env.frame_log[start:]:
+            if chosen != previous:  # only frames where stickiness is observable
+                changed += 1
+                repeated += executed == previous
+                assert executed in (chosen, previous)
+            previous = executed
+        if obs["is_last"]:
+            env.reset()
+            previous = 0
+    env.close()
+    rate = repeated / changed
+    assert changed > 2000
+    assert abs(rate - STICKY_PROB) < 0.04, rate
+
+
+def test_atari_no_sticky_executes_chosen_actions():
+    env = make_env("atari_pong", action_repeat=4, atari={"sticky": False})
+    env.frame_log = []
+    env.reset()
+    for chosen in [1, 5, 7, 2]:
+        start = len(env.frame_log)
+        env.step({"action": np.eye(18)[chosen]})
+        assert env.frame_log[start:] == [chosen] * 4
+    env.close()
+
+
+def test_atari_max_pool_over_last_two_frames():
+    # Full-size frames (no resize) so the pooled image can be compared pixel for pixel.
+    kwargs = {"size": (210, 160), "atari": {"sticky": False}}
+    pooled = make_env("atari_breakout", action_repeat=4, **kwargs)
+    single = make_env("atari_breakout", action_repeat=1, **kwargs)
+    pooled.reset()
+    single.reset()
+    actions = [1, 3, 4, 3, 1, 4, 4, 3]
+    matched_flicker = False
+    for action in actions:
+        out = pooled.step({"action": np.eye(18)[action]})
+        frames = [single.step({"action": np.eye(18)[action]})["image"] for _ in range(4)]
+        expected = np.maximum(frames[2], frames[3])
+        np.testing.assert_array_equal(out["image"], expected)
+        matched_flicker |= not np.array_equal(frames[2], frames[3])
+    assert matched_flicker  # the check above compared frames that actually differ
+    pooled.close()
+    single.close()
+
+
+def test_atari_time_limit_truncates_without_terminal():
+    env = make_env("atari_pong", action_repeat=4, time_limit=10)
+    observations = run_random(env, 10)
+    env.close()
+    assert [bool(obs["is_last"]) for obs in observations] == [False] * 10 + [True]
+    assert not any(obs["is_terminal"] for obs in observations)
+
+
+def test_atari_game_over_is_terminal():
+    env = make_env("atari_breakout", action_repeat=4)  # random play loses all lives in ~200 steps
+    observations = run_random(env, 3000, stop_at_end=True)
+    env.close()
+    ends = [index for index, obs in enumerate(observations) if obs["is_last"]]
+    assert ends, "random Breakout play should end the game"
+    first_end = observations[ends[0]]
+    assert first_end["is_terminal"] and first_end["is_last"]
+    assert not any(obs["is_terminal"] for obs in observations[: ends[0]])
+
+
+def test_atari_lives_option_ends_episode_per_life():
+    env = make_env("atari_breakout", action_repeat=4, atari={"lives": True})
+    episodes = 0
+    policy = random_policy(env.act_space, 1, 1)
+    env.reset()
+    while not env._ale.game_over():
+        obs = env.step({"action": policy({"is_first": np.zeros(1)}, None)[0]["action"][0]})
+        if obs["is_last"]:
+            assert obs["is_terminal"]
+            episodes += 1
+            if not env._ale.game_over():
+                assert env.reset()["is_first"]
+    env.close()
+    assert episodes == 5  # Breakout has five lives
+
+
+def test_atari_noops_advance_emulator_at_reset():
+    env = make_env("atari_pong", action_repeat=4, atari={"noops": 30, "sticky": False})
+    env.frame_log = []
+    env.reset()
+    assert 1 <= len(env.frame_log) <= 30 and set(env.frame_log) == {0}
+    env.close()
+
+
+def test_atari_same_seed_same_data_different_seed_differs():
+    runs = []
+    for seed in (5, 5, 6):
+        env = make_env("atari_pong", seed=seed, action_repeat=4)
+        env.frame_log = []
+        run_random(env, 150, seed=0)
+        runs.append(env.frame_log)
+        env.close()
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]  # sticky decisions come from the env seed
+
+
+def test_unknown_atari_game_lists_close_names():
+    with pytest.raises(ValueError, match="atari_pong") as info:
+        make_env("atari_pongg")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="atari_james_bond"):
+        make_env("atari_jamesbnd")
+
+
+def test_paper_games_are_55_and_all_exist_in_ale():
+    import ale_py
+    import gymnasium
+
+    gymnasium.register_envs(ale_py)
+    assert len(GAMES) == 55
+    missing = [name for name in GAMES.values() if f"ALE/{name}-v5" not in gymnasium.registry]
+    assert not missing
+
+
+@pytest.mark.parametrize("task, pattern", [
+    ("atrai_pong", "atari_pong"),
+    ("pong", "atari_pong"),
+    ("foo", "tasks look like"),
+    ("crafter_foo", "crafter_noreward"),
+    ("gym_CartPol-v1", "gym_CartPole-v1"),
+])
+def test_bad_task_names_give_one_line_errors(task, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        make_env(task)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="valid options"):
+        make_env("atari_pong", atari={"stiky": True})
+    with pytest.raises(ValueError, match="train, eval"):
+        make_env("atari_pong", mode="test")
+    with pytest.raises(ValueError, match="none, thread, process"):
+        make_envs("atari_pong", 2, parallel="threads")
+
+
+# ---- Generic gymnasium ------------------------------------------------------------------------
+
+
+def test_gym_cartpole_vector_obs_and_termination():
+    env = make_env("gym_CartPole-v1")
+    assert env.obs_space["vector"].shape == (4,) and env.obs_space["vector"].dtype == np.float32
+    assert env.act_space["action"] == spaces.Discrete(2)
+    observations = run_random(env, 200)
+    for obs in observations:
+        check_obs(env, obs)
+    ends = [index for index, obs in enumerate(observations) if obs["is_last"]]
+    assert ends and all(observations[index]["is_terminal"] for index in ends)  # it falls over: a real end
+    assert sum(obs["reward"] for obs in observations[1:ends[0] + 1]) == ends[0]  # +1 per step alive
+    env.close()
+
+
+def test_gym_truncation_and_action_repeat():
+    env = make_env("gym_CartPole-v1", time_limit=3, action_repeat=2)
+    obs = env.reset()
+    for _ in range(3):
+        obs = env.step({"action": np.array([1.0, 0.0])})
+    assert obs["is_last"] and not obs["is_terminal"]
+    assert obs["reward"] == 2.0  # CartPole gives 1 per frame, summed over the two repeated frames
+    env.close()
+
+
+def test_gym_box_actions_are_rescaled():
+    env = make_env("gym_Pendulum-v1")
+    assert env.act_space["action"] == spaces.Box(-1, 1, (1,), np.float32)
+    env.close()
+    low, high = np.array([-2.0, 0.0, -np.inf]), np.array([2.0, 10.0, np.inf])
+    scaled = base.rescale_action({"action": [1.0, -1.0, 7.0]}, low, high)
+    np.testing.assert_allclose(scaled, [2.0, 0.0, 7.0])
+    np.testing.assert_allclose(base.rescale_action({"action": [0.0, 0.5, 0.0]}, low, high)[:2], [0.0, 7.5])
+
+
+# ---- DMC and Crafter --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="dm_control is not installed")
+def test_dmc_walker_pixels_proprio_and_time_limit():
+    env = make_env("dmc_walker_walk", action_repeat=8, size=(64, 64))
+    try:
+        assert env.obs_space["image"].shape == (64, 64, 3)
+        assert env.act_space["action"] == spaces.Box(-1, 1, (6,), np.float32)
+        vectors = [key for key, space in env.obs_space.items() if space.dtype == np.float32 and space.shape]
+        assert {"orientations", "height", "velocity"} <= set(vectors)
+        observations = run_random(env, 125)  # the suite's 1000 physics steps at action repeat 8
+        for obs in observations[:3]:
+            check_obs(env, obs)
+        assert observations[0]["image"].std() > 0
+        assert [bool(obs["is_last"]) for obs in observations] == [False] * 125 + [True]
+        assert not observations[-1]["is_terminal"]  # suite episodes end by time limit
+        assert sum(obs["reward"] for obs in observations) > 0
+    finally:
+        env.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="dm_control is not installed")
+def test_unknown_dmc_task_lists_close_names():
+    with pytest.raises(ValueError, match="dmc_walker_walk"):
+        make_env("dmc_walker_wlak")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("crafter") is None, reason="crafter is not installed")
+def test_crafter_reward_noreward_and_achievements():
+    # Same seed and actions: the noreward task hides exactly the reward the reward task gives.
+    rewarded, quiet = make_env("crafter_reward", seed=1), make_env("crafter_noreward", seed=1)
+    assert rewarded.act_space["action"] == spaces.Discrete(17)
+    achievements = [key for key in rewarded.obs_space if key.startswith("log_achievement_")]
+    assert "log_achievement_collect_wood" in achievements and len(achievements) == 22
+    with_reward, without = run_random(rewarded, 80), run_random(quiet, 80)
+    rewarded.close()
+    quiet.close()
+    for obs in with_reward[:3]:
+        check_obs(rewarded, obs)
+    assert with_reward[0]["image"].shape == (64, 64, 3)
+    assert all(obs["reward"] == 0 for obs in without)
+    np.testing.assert_array_equal([obs["reward"] for obs in with_reward], [obs["log_reward"] for obs in without])
+    assert any(obs["reward"] != 0 for obs in with_reward)  # an achievement unlocks within 80 random steps
+    unlocked = sum(int(with_reward[-1][key]) for key in achievements)
+    assert unlocked >= 1
+
+
+# ---- Parallel envs ----------------------------------------------------------------------------
+
+
+def collect(envs, steps, seed=0):
+    """Step envs in lockstep with per-env random actions; returns per-env observation lists."""
+    policies = [random_policy(env.act_space, 1, seed + index) for index, env in enumerate(envs)]
+    data = [[env.reset()] for env in envs]
+    for _ in range(steps):
+        for env, policy, obs in zip(envs, policies, data, strict=True):
+            if obs[-1]["is_last"]:
+                obs.append(env.reset())
+            action, _ = policy({"is_first": np.zeros(1)}, None)
+            obs.append(env.step({"action": action["action"][0]}))
+    return data
+
+
+@pytest.mark.parametrize("parallel, task", [("thread", "atari_pong"), ("process", "atari_pong"),
+                                            ("thread", "gym_CartPole-v1")])
+def test_parallel_envs_match_serial(parallel, task):
+    kwargs = {"seed": 10, "action_repeat": 4 if task.startswith("atari") else 1, "time_limit": 40}
+    serial = make_envs(task, 2, "none", **kwargs)
+    workers = make_envs(task, 2, parallel, **kwargs)
+    try:
+        assert workers[0].act_space == serial[0].act_space
+        assert workers[0].obs_space.keys() == serial[0].obs_space.keys()
+        expected, actual = collect(serial, 60), collect(workers, 60)
+    finally:
+        for env in serial + workers:
+            env.close()
+    for env_expected, env_actual in zip(expected, actual, strict=True):
+        assert len(env_expected) == len(env_actual)
+        for obs_expected, obs_actual in zip(env_expected, env_actual, strict=True):
+            for key in obs_expected:
+                np.testing.assert_array_equal(obs_expected[key], obs_actual[key])
+    # Different seeds per worker: the two envs do not produce the same stream.
+    main = "image" if task.startswith("atari") else "vector"
+    assert not all(np.array_equal(a[main], b[main]) for a, b in zip(expected[0], expected[1], strict=False))
+
+
+def test_process_env_reports_constructor_errors():
+    with pytest.raises(ValueError, match="atari_pong"):
+        make_envs("atari_pongg", 1, "process")

@@ -1,0 +1,255 @@
+"""Replay: episode files on disk, loading, eviction and sequence sampling."""
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from dreamerv2_tf.replay import Replay, load_episode, save_episode
+
+
+def make_episode(length, marker=0.0, image=True, actions=3):
+    """A synthetic episode whose 'vector' encodes (marker, step) so samples can be traced back."""
+    steps = np.arange(length)
+    episode = {
+        "vector": np.stack([np.full(length, marker), steps], -1).astype(np.float32),
+        "action": np.eye(actions, dtype=np.float32)[steps % actions],
+        "reward": steps.astype(np.float32),
+        "is_first": steps == 0,
+        "is_last": steps == length - 1,
+        "is_terminal": steps == length - 1,
+        "log_score": np.full(length, 7, np.int64),
+    }
+    episode["action"][0] = 0
+    if image:
+        episode["image"] = (np.arange(length * 8 * 8).reshape(length, 8, 8, 1) % 251).astype(np.uint8)
+    return episode
+
+
+def test_round_trip_files_and_counts(tmp_path):
+    replay = Replay(tmp_path / "eps")
+    episodes = [make_episode(12, 1.0), make_episode(5, 2.0)]
+    paths = [replay.add_episode(episode) for episode in episodes]
+    for path, episode in zip(paths, episodes, strict=True):
+        assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{32}-" + str(len(episode["reward"])) + r"\.npz", path.name)
+    assert sorted(paths) == paths  # names sort by time
+    assert (replay.num_steps, replay.num_episodes, replay.total_steps) == (17, 2, 17)
+    reloaded = Replay(tmp_path / "eps")
+    assert reloaded.stats()["replay_loaded_episodes"] == 2 and reloaded.total_steps == 17
+    for original, loaded in zip(episodes, reloaded.episodes(), strict=True):
+        assert original.keys() == loaded.keys()
+        for key in original:
+            np.testing.assert_array_equal(original[key], loaded[key])
+            assert loaded[key].dtype == (np.float32 if key == "action" else original[key].dtype)
+    assert not Replay(tmp_path / "eps", load=False).num_episodes
+
+
+def test_add_step_assembles_episodes_per_worker(tmp_path):
+    replay = Replay(tmp_path)
+    first, second = make_episode(4, 1.0, image=False), make_episode(3, 2.0, image=False)
+
+    def steps(episode, t):
+        return {key: value[t] for key, value in episode.items()}
+
+    for t in range(4):  # interleave two workers
+        path = replay.add_step(steps(first, t), worker=0)
+        assert (path is None) == (t < 3)
+        if t < 3:
+            replay.add_step(steps(second, t), worker=1)
+    assert path.exists() and path.name.endswith("-4.npz")
+    stored = {episode["vector"][0, 0]: episode for episode in replay.episodes()}
+    assert set(stored) == {1.0, 2.0}
+    for original in (first, second):
+        for key in original:
+            np.testing.assert_array_equal(stored[original["vector"][0, 0]][key], original[key])
+
+
+def test_add_step_drops_abandoned_episode(tmp_path):
+    replay = Replay(tmp_path)
+    episode = make_episode(3, image=False)
+    replay.add_step({key: value[0] for key, value in episode.items()})
+    replay.add_step({key: value[1] for key, value in episode.items()})
+    for t in range(3):  # a new episode starts before the old one ended
+        replay.add_step({key: value[t] for key, value in episode.items()})
+    assert replay.num_episodes == 1 and replay.num_steps == 3
+
+
+def test_capacity_evicts_oldest_but_keeps_files(tmp_path):
+    replay = Replay(tmp_path, capacity=25)
+    for marker in range(3):
+        replay.add_episode(make_episode(10, float(marker)))
+    assert (replay.num_steps, replay.num_episodes) == (20, 2)
+    assert (replay.total_steps, replay.total_episodes) == (30, 3)
+    assert [episode["vector"][0, 0] for episode in replay.episodes()] == [1.0, 2.0]
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+    markers = {replay.sample_sequence(4)["vector"][0, 0] for _ in range(50)}
+    assert markers == {1.0, 2.0}
+    # Reloading with a capacity keeps the newest episodes.
+    reloaded = Replay(tmp_path, capacity=15)
+    assert [episode["vector"][0, 0] for episode in reloaded.episodes()] == [2.0]
+
+
+def test_sequences_have_exact_length_and_continue_across_episodes(tmp_path):
+    replay = Replay(tmp_path, seed=1)
+    for marker in range(3):
+        replay.add_episode(make_episode(6, float(marker)))
+    for _ in range(20):
+        sequence = replay.sample_sequence(15)
+        assert all(value.shape[0] == 15 for value in sequence.values())
+        assert "log_score" not in sequence
+        assert sequence["is_first"][0]
+        # Inside a piece the step index grows by one; a new piece starts exactly where is_first is set.
+        step = sequence["vector"][:, 1]
+        boundary = np.concatenate([[True], np.diff(step) != 1])
+        np.testing.assert_array_equal(boundary, sequence["is_first"])
+        assert sequence["is_first"].sum() >= 3  # 15 steps need at least three 6-step episodes
+
+
+def test_minlen_excludes_short_episodes(tmp_path):
+    replay = Replay(tmp_path, minlen=5)
+    replay.add_episode(make_episode(3, 1.0))
+    with pytest.raises(ValueError, match="at least 5 steps"):
+        replay.sample_sequence(2)
+    replay.add_episode(make_episode(8, 2.0))
+    assert {replay.sample_sequence(2)["vector"][0, 0] for _ in range(30)} == {2.0}
+
+
+def test_maxlen_caps_pieces_and_is_the_default_length(tmp_path):
+    replay = Replay(tmp_path, maxlen=4)
+    replay.add_episode(make_episode(50))
+    assert replay.sample_sequence()["reward"].shape == (4,)
+    sequence = replay.sample_sequence(10)
+    assert sequence["is_first"].sum() == 3  # pieces of 4, 4 and 2 steps
+
+
+def test_prioritize_ends_reaches_final_steps(tmp_path):
+    def last_step_rate(prioritize):
+        replay = Replay(tmp_path / str(prioritize), prioritize_ends=prioritize, seed=0)
+        replay.add_episode(make_episode(100, image=False))
+        return np.mean([replay.sample_sequence(10)["is_last"][-1] for _ in range(2000)])
+
+    uniform, prioritized = last_step_rate(False), last_step_rate(True)
+    assert uniform < 0.03  # 1 of 91 start positions
+    assert 0.08 < prioritized < 0.14  # 11 of 101 start draws clip to the end
+
+
+def test_length_weighted_episode_choice(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    replay.add_episode(make_episode(10, 1.0, image=False))
+    replay.add_episode(make_episode(30, 2.0, image=False))
+    markers = np.array([replay.sample_sequence(1)["vector"][0, 0] for _ in range(2000)])
+    assert 0.70 < np.mean(markers == 2.0) < 0.80  # 30 of 40 stored steps
+
+
+def test_corrupt_and_foreign_files_are_skipped_with_warning(tmp_path):
+    good = make_episode(6, 1.0)
+    save_episode(tmp_path, good)
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    np.savez(tmp_path / "missing.npz", vector=good["vector"])
+    broken = dict(good, reward=good["reward"][:3])
+    np.savez(tmp_path / "lengths.npz", **broken)
+    other = make_episode(6, 2.0, actions=5)  # different action size than the newest file
+    np.savez(tmp_path / "00-other.npz", **other)
+    with pytest.warns(RuntimeWarning) as caught:
+        replay = Replay(tmp_path)
+    messages = " ".join(str(item.message) for item in caught)
+    for name in ("garbage.npz", "missing.npz", "lengths.npz", "00-other.npz"):
+        assert name in messages
+    assert replay.num_episodes == 1 and replay.stats()["replay_skipped_files"] == 4
+    assert replay.sample_sequence(3)["reward"].shape == (3,)
+
+
+def test_foreign_directory_loads_for_offline_training(tmp_path):
+    # Episodes written by another tool: plain np.savez, own names, float64 and int flags.
+    for index in range(3):
+        episode = make_episode(20, float(index), image=False)
+        episode["vector"] = episode["vector"].astype(np.float64)
+        episode["is_first"] = episode["is_first"].astype(np.int64)
+        np.savez(tmp_path / f"episode_{index:04d}.npz", **episode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replay = Replay(tmp_path, capacity=0)
+    assert replay.num_episodes == 3 and replay.num_steps == 60
+    sequence = replay.sample_sequence(8)
+    assert sequence["vector"].dtype == np.float32 and sequence["is_first"].dtype == bool
+
+
+def test_failed_write_leaves_no_episode_file(tmp_path, monkeypatch):
+    replay = Replay(tmp_path)
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", crash)
+    with pytest.raises(KeyboardInterrupt):
+        replay.add_episode(make_episode(5))
+    assert list(tmp_path.iterdir()) == []
+    assert replay.num_episodes == 0
+
+
+def test_killed_writer_leaves_only_a_temp_file(tmp_path):
+    # A separate process writes a large episode and is killed mid-write.
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from dreamerv2_tf.replay import save_episode
+        rng = np.random.default_rng(0)
+        n = 4000
+        episode = {{"image": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+                   "action": np.zeros((n, 3), np.float32), "reward": np.zeros(n, np.float32),
+                   "is_first": np.zeros(n, bool), "is_last": np.zeros(n, bool),
+                   "is_terminal": np.zeros(n, bool)}}
+        print("writing", flush=True)
+        save_episode({str(tmp_path)!r}, episode)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    deadline = time.time() + 20
+    while not list(tmp_path.glob("*.tmp")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    assert list(tmp_path.glob("*.tmp")), "the writer should have been killed during the write"
+    assert not list(tmp_path.glob("*.npz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the temp file is not even looked at
+        assert Replay(tmp_path).num_episodes == 0
+
+
+def test_dataset_shapes_and_dtypes(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    for marker in range(3):
+        replay.add_episode(make_episode(9, float(marker)))
+    batch = next(iter(replay.dataset(batch=3, length=7)))
+    expected = {
+        "image": ((3, 7, 8, 8, 1), "uint8"), "vector": ((3, 7, 2), "float32"),
+        "action": ((3, 7, 3), "float32"), "reward": ((3, 7), "float32"),
+        "is_first": ((3, 7), "bool"), "is_last": ((3, 7), "bool"), "is_terminal": ((3, 7), "bool"),
+    }
+    assert {key: (tuple(value.shape), value.dtype.name) for key, value in batch.items()} == expected
+    assert batch["is_first"].numpy()[:, 0].all()
+
+
+def test_bad_arguments_and_episodes_raise_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="capacity"):
+        Replay(tmp_path, capacity=-1)
+    with pytest.raises(ValueError, match="minlen"):
+        Replay(tmp_path, minlen=0)
+    replay = Replay(tmp_path)
+    with pytest.raises(ValueError, match="collect data first"):
+        replay.dataset(2, 5)
+    with pytest.raises(ValueError, match="missing required keys"):
+        replay.add_episode({"reward": np.zeros(3)})
+    replay.add_episode(make_episode(4))
+    with pytest.raises(ValueError, match="action"):
+        replay.add_episode(make_episode(4, actions=5))
+    assert len(list(tmp_path.glob("*.npz"))) == 1  # rejected episodes are not written
+    assert load_episode(sorted(tmp_path.glob("*.npz"))[0])["reward"].shape == (4,)
