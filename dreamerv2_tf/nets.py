@@ -327,12 +327,16 @@ class Decoder(_Composite):
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self.cnn_keys, self.mlp_keys = select_keys(shapes, cnn_keys, mlp_keys)
         self._act = activation(act)
-        channels = sum(self._shapes[k][-1] for k in self.cnn_keys)
+        channels = sum(self._shapes[k][-1] for k in self.cnn_keys) or 1  # unused without image keys
         depths = [2 ** (len(cnn_kernels) - i - 2) * cnn_depth for i in range(len(cnn_kernels) - 1)] + [channels]
         self._project = keras.layers.Dense(32 * cnn_depth)
+        # The first transposed conv sees a 1x1 input, where it equals a dense layer onto a k x k grid;
+        # TensorFlow's CPU kernel for that shape is over 10x slower than the matmul.
+        self._first = (cnn_kernels[0], depths[0])
+        self._grid = keras.layers.Dense(cnn_kernels[0] ** 2 * depths[0])
         self._deconvs = [
-            keras.layers.Conv2DTranspose(depth, kernel, 2, dtype="float32" if i == len(depths) - 1 else None)
-            for i, (depth, kernel) in enumerate(zip(depths, cnn_kernels, strict=True))]
+            keras.layers.Conv2DTranspose(depth, kernel, 2, dtype="float32" if i == len(depths) - 2 else None)
+            for i, (depth, kernel) in enumerate(zip(depths[1:], cnn_kernels[1:], strict=True))]
         self._deconv_norms = [norm_layer(norm) for _ in depths[:-1]]
         self._mlp = DenseStack(mlp_layers, act, norm)
         self._mlp_heads = {k: DistLayer(self._shapes[k], "mse") for k in self.mlp_keys}
@@ -350,9 +354,11 @@ class Decoder(_Composite):
         return out
 
     def _cnn(self, x: tf.Tensor) -> tf.Tensor:
-        x = tf.reshape(self._project(x), [-1, 1, 1, self._project.units])
-        for i, deconv in enumerate(self._deconvs):
-            x = deconv(x)
+        kernel, depth = self._first
+        x = tf.reshape(self._grid(self._project(x)), [-1, kernel, kernel, depth])
+        for i, deconv in enumerate([None, *self._deconvs]):
+            if deconv is not None:
+                x = deconv(x)
             if i < len(self._deconv_norms):
                 if self._deconv_norms[i] is not None:
                     x = self._deconv_norms[i](x)
