@@ -23,12 +23,13 @@ class OneHotDist(tfd.OneHotCategorical):
         # The parent's mode() returns a one-hot too, but carries no gradient path.
         probs = self.probs_parameter()
         mode = tf.one_hot(tf.argmax(probs, -1), probs.shape[-1], dtype=self.dtype)
-        return tf.stop_gradient(mode) + probs - tf.stop_gradient(probs)
+        # Adding the zero-valued (probs - sg(probs)) last keeps the forward value exactly one-hot.
+        return tf.stop_gradient(mode) + (probs - tf.stop_gradient(probs))
 
     def sample(self, sample_shape=(), seed=None, name: str = "sample") -> tf.Tensor:
         sample = tf.stop_gradient(super().sample(sample_shape, seed=seed))
         probs = tf.cast(self.probs_parameter(), self.dtype)
-        return sample + probs - tf.stop_gradient(probs)
+        return sample + (probs - tf.stop_gradient(probs))
 
 
 def onehot(logits: tf.Tensor) -> OneHotDist:

@@ -32,8 +32,13 @@ class Optimizer(tf.Module):
     def minimize(self, tape: tf.GradientTape, loss: tf.Tensor,
                  variables: Sequence[tf.Variable]) -> dict[str, tf.Tensor]:
         variables = list(variables)
-        target = self.opt.scale_loss(loss) if self._scaled else loss
-        grads = tape.gradient(target, variables)
+        if self._scaled:
+            # The tape has stopped recording, so scaling the loss here would cut the gradient path;
+            # seeding the backward pass with the scale gives the gradients of scale * loss instead.
+            seed = self.opt.scale_loss(tf.ones_like(loss))
+            grads = tape.gradient(loss, variables, output_gradients=seed)
+        else:
+            grads = tape.gradient(loss, variables)
         norm = tf.linalg.global_norm(grads)
         metrics = {f"{self.name}_loss": tf.cast(loss, tf.float32)}
         if self._scaled:

@@ -66,7 +66,8 @@ class WorldModel(tf.Module):
 
     def preprocess(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Images to [-0.5, 0.5], transformed rewards, discount targets (0 at terminal steps)."""
-        out = dict(data)
+        # Tensors from here on: the RSSM reads static ranks, which numpy batches (eager calls) lack.
+        out = {k: tf.convert_to_tensor(v) for k, v in data.items()}
         for key, shape in self.obs_shapes.items():
             if len(shape) == 3 and key in out:
                 out[key] = tf.cast(out[key], tf.float32) / 255.0 - 0.5

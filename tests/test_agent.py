@@ -1,0 +1,153 @@
+"""The agent: recurrent policy state, policy modes, open-loop video report, XLA and non-XLA train steps."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import (
+    continuous_actions,
+    discrete_actions,
+    first_step,
+    make_agent,
+    obs_space,
+    random_batch,
+    tiny_config,
+)
+
+from dreamerv2_tf.agent import POLICY_MODES, resolve_precision
+from dreamerv2_tf.world_model import WorldModel
+
+IMAGE = (64, 64, 1)
+SMALL = {"encoder.cnn_depth": 2, "decoder.cnn_depth": 2}
+
+
+@pytest.fixture(scope="module")
+def discrete_agent():
+    obs, act = obs_space(IMAGE), discrete_actions(3)
+    return make_agent(obs, act, SMALL), random_batch(obs, act, batch=3, length=8, seed=1)
+
+
+def latent_of(state):
+    latent, _ = state
+    return {k: v.numpy() for k, v in latent.items()}
+
+
+def test_policy_carries_state_and_resets_on_is_first(discrete_agent):
+    agent, data = discrete_agent
+    _, state = agent.policy(first_step(data, 0), None, "eval")
+    # After a reset the deterministic state is a constant; the posterior already sees the image.
+    assert np.abs(np.diff(latent_of(state)["logit"], axis=0)).max() > 1e-4
+    obs = first_step(data, 1)
+    obs["is_first"] = np.array([True, False, False])
+    _, carried = agent.policy(obs, state, "eval")
+    _, fresh = agent.policy({**obs, "is_first": np.ones(3, bool)}, None, "eval")
+    _, ignored = agent.policy({**obs, "is_first": np.zeros(3, bool)}, None, "eval")
+    carried, fresh, ignored = latent_of(carried), latent_of(fresh), latent_of(ignored)
+    for key in ("deter", "logit"):
+        # Item 0 starts an episode: the carried state is dropped, as for a fresh start.
+        np.testing.assert_allclose(carried[key][0], fresh[key][0], rtol=1e-5, atol=1e-6)
+        # Items 1 and 2 continue: their state depends on the previous step.
+        assert np.abs(carried[key][1:] - ignored[key][1:]).max() > 1e-4
+    # The returned state holds the action taken, for the next step's transition.
+    action, state = agent.policy(obs, state, "eval")
+    np.testing.assert_array_equal(state[1].numpy(), action["action"])
+
+
+def test_eval_policy_is_deterministic_and_train_policy_samples(discrete_agent):
+    agent, data = discrete_agent
+    obs = {k: np.repeat(v, 20, 0) for k, v in first_step(data, 0).items()}
+    _, state = agent.policy(obs, None, "eval")
+    first, state1 = agent.policy(obs, state, "eval")
+    second, state2 = agent.policy(obs, state, "eval")
+    np.testing.assert_array_equal(first["action"], second["action"])
+    for key in latent_of(state1):
+        np.testing.assert_array_equal(latent_of(state1)[key], latent_of(state2)[key])
+    samples = [agent.policy(obs, state, "train")[0]["action"] for _ in range(2)]
+    assert not np.array_equal(samples[0], samples[1])  # 60 draws from a near-uniform initial policy
+
+
+@pytest.mark.parametrize("mode", POLICY_MODES)
+def test_discrete_policy_modes_return_one_hot_actions(discrete_agent, mode):
+    agent, data = discrete_agent
+    action, state = agent.policy(first_step(data, 0), None, mode)
+    action = action["action"]
+    assert action.shape == (3, 3) and action.dtype == np.float32
+    assert set(np.unique(action)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(action.sum(-1), 1.0)
+
+
+def test_continuous_policy_modes_stay_within_bounds():
+    obs, act = obs_space(IMAGE), continuous_actions(2)
+    # Large noise would leave [-1, 1] without clipping.
+    agent = make_agent(obs, act, {**SMALL, "expl_noise": 2.0, "eval_noise": 2.0})
+    data = random_batch(obs, act, batch=16, length=2)
+    for mode in POLICY_MODES:
+        action = agent.policy(first_step(data, 0), None, mode)[0]["action"]
+        assert action.shape == (16, 2) and action.dtype == np.float32, mode
+        assert action.min() >= -1.0 and action.max() <= 1.0, mode
+        assert action.std() > 0.01, mode
+
+
+def test_invalid_policy_mode_and_precision_raise(discrete_agent):
+    agent, data = discrete_agent
+    with pytest.raises(ValueError, match="policy mode must be one of train, eval, explore, random"):
+        agent.policy(first_step(data, 0), None, "greedy")
+    with pytest.raises(ValueError, match="precision must be one of auto, 32, 16, bf16"):
+        resolve_precision("64")
+
+
+def test_report_returns_open_loop_video(discrete_agent):
+    agent, data = discrete_agent
+    video = agent.report(data)["openl_image"].numpy()
+    # Truth, model and error stacked along the height axis.
+    assert video.shape == (3, 8, 3 * IMAGE[0], IMAGE[1], IMAGE[2])
+    assert video.min() >= 0.0 and video.max() <= 1.0
+    np.testing.assert_allclose(video[:, :, : IMAGE[0]], data["image"] / 255.0, atol=1e-6)
+
+
+# XLA against plain graphs. Sampled latents (and actions) make two runs differ: XLA draws other
+# random numbers than the CPU kernels. Scaling the logit layers by 1e4 makes every categorical
+# distribution so peaked that a sample is its mode (Gumbel noise in float32 is bounded by ~20),
+# so the computation becomes deterministic and both compilations must agree up to rounding.
+
+
+def sharpen(layers) -> None:
+    for layer in layers:
+        for var in layer.variables:
+            var.assign(var * 1e4)
+
+
+def test_world_model_loss_agrees_with_and_without_xla():
+    keras.utils.set_random_seed(0)
+    wm = WorldModel({"image": IMAGE}, 3, tiny_config(SMALL))
+    wm.build()
+    sharpen([wm.rssm._obs_stats, wm.rssm._img_stats])
+    data = random_batch(obs_space(IMAGE), discrete_actions(3), batch=2, length=5, seed=3)
+    data["is_first"][1, 2] = True
+
+    def loss(data):
+        return wm.loss(data)[3]
+
+    plain, xla = tf.function(loss), tf.function(loss, jit_compile=True)
+    first, again, compiled = plain(data), plain(data), xla(data)
+    for key in ("model_kl", "image_loss", "reward_loss", "discount_loss"):
+        np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())  # deterministic indeed
+        np.testing.assert_allclose(compiled[key].numpy(), first[key].numpy(), rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+def test_agent_train_step_agrees_with_and_without_xla():
+    obs, act = obs_space(IMAGE), discrete_actions(3)
+    data = random_batch(obs, act, batch=2, length=5, seed=4)
+    agents = [make_agent(obs, act, {**SMALL, "jit": jit}, seed=5) for jit in (False, True)]
+    for agent in agents:
+        sharpen([agent.wm.rssm._obs_stats, agent.wm.rssm._img_stats, agent.ac.actor._head._out])
+    for a, b in zip(agents[0].variables, agents[1].variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())  # same seed, same initial weights
+    plain, xla = (agent.train(data) for agent in agents)
+    # Compare losses and gradient norms, not updated weights: Adam's first step is about lr * sign(grad)
+    # and flips for gradients near zero, so weights after one update are no finer test than these.
+    keys = ("model_loss", "image_loss", "reward_loss", "kl_loss", "actor_loss", "critic_loss", "critic_target",
+            "model_grad_norm", "actor_grad_norm", "critic_grad_norm")
+    for key in keys:
+        np.testing.assert_allclose(xla[key].numpy(), plain[key].numpy(), rtol=1e-3, atol=1e-5, err_msg=key)
