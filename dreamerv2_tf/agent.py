@@ -59,7 +59,7 @@ class Agent(tf.Module):
 
     def __init__(self, obs_space: Mapping, act_space: Mapping, config, precision: str | None = None):
         super().__init__(name="agent")
-        self.precision = precision or resolve_precision(config.precision)
+        self.precision = resolve_precision(precision or config.precision)
         mixed16 = self.precision == "16"
         if config.expl_behavior not in EXPL_BEHAVIORS:
             raise ValueError(f"expl_behavior must be one of {', '.join(EXPL_BEHAVIORS)}, "

@@ -100,7 +100,9 @@ def episode_metrics(episode: Mapping[str, np.ndarray], prefix: str) -> dict[str,
     metrics = {f"{prefix}_return": float(np.sum(episode["reward"])),
                f"{prefix}_length": float(len(episode["reward"]) - 1)}
     for key, value in episode.items():
-        if key.startswith("log_"):
+        if key == "log_reward":  # the task reward of reward-free variants: a return
+            metrics[f"{prefix}_task_return"] = float(np.sum(value))
+        elif key.startswith("log_"):  # counters such as achievements: their final value
             metrics[f"{prefix}_{key[4:]}"] = float(np.max(value))
     return metrics
 
@@ -184,7 +186,8 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
 
     def on_episode(prefix, episode, worker):
         metrics = episode_metrics(episode, prefix)
-        print(f"{prefix} episode: return {metrics[prefix + '_return']:.1f}, length {metrics[prefix + '_length']:.0f}")
+        if prefix == "eval":
+            print(f"eval episode: return {metrics['eval_return']:.1f}, length {metrics['eval_length']:.0f}")
         logger.add(metrics)
         for key in agent.video_keys:
             if prefix == "eval" or step.value - last_video["train"] >= config.eval_every:

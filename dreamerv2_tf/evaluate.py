@@ -1,0 +1,96 @@
+"""Evaluate a trained run: load its config and latest checkpoint, play episodes with the eval policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dreamerv2_tf import config as configlib
+
+
+def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = None, seed: int | None = None,
+             mode: str = "eval") -> dict[str, Any]:
+    """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns."""
+    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.checkpoint import restore_weights
+    from dreamerv2_tf.driver import Driver
+    from dreamerv2_tf.envs import make_env
+    from dreamerv2_tf.train import env_kwargs
+
+    logdir = Path(logdir).expanduser()
+    config_path = logdir / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.yaml in {logdir}; is it a training logdir?")
+    config = configlib.build(["defaults"], configlib.Config.load(config_path).to_dict())
+    if episodes < 1:
+        raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    seed = config.seed + 2 * 10**4 if seed is None else seed
+    precision = set_precision(config.precision)
+    env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config))
+    agent = Agent(env.obs_space, env.act_space, config, precision)
+    checkpoint = restore_weights(logdir / "checkpoints", agent)
+    returns, lengths, frames = [], [], []
+    key = next(iter(agent.video_keys), None)
+
+    def on_episode(episode, worker):
+        returns.append(float(np.sum(episode["reward"])))
+        lengths.append(len(episode["reward"]) - 1)
+        print(f"episode {len(returns)}: return {returns[-1]:.1f}, length {lengths[-1]}", flush=True)
+        if video and key and not frames:
+            frames.append(episode[key])
+
+    driver = Driver([env], on_episode=[on_episode])
+    driver(lambda obs, state: agent.policy(obs, state, mode), episodes=episodes)
+    env.close()
+    result = {
+        "logdir": str(logdir), "checkpoint": checkpoint, "task": config.task, "episodes": episodes,
+        "mean": float(np.mean(returns)), "std": float(np.std(returns)),
+        "min": float(np.min(returns)), "max": float(np.max(returns)),
+        "returns": returns, "lengths": lengths,
+    }
+    if video:
+        if not frames:
+            raise ValueError(f"--video needs an image observation; {config.task} has none in log_keys_video")
+        write_video(video, frames[0])
+        result["video"] = str(video)
+    return result
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> None:
+    import imageio.v2 as imageio
+
+    frames = np.asarray(frames)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, -1)
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(path, list(frames), fps=fps, macro_block_size=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__)
+    parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--video", default=None, help="write the first episode as .mp4 or .gif")
+    parser.add_argument("--seed", type=int, default=None, help="env seed (default: training seed + 20000)")
+    parser.add_argument("--mode", default="eval", choices=("eval", "train"), help="eval: actor mode; train: sample")
+    parser.add_argument("--out", default=None, help="JSON results path (default: LOGDIR/eval_results.json)")
+    args = parser.parse_args(argv)
+    if args.video and Path(args.video).suffix.lower() not in (".gif", ".mp4"):
+        configlib.fail(f"--video must end in .gif or .mp4, got {args.video}")
+    try:
+        result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
+    except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
+        configlib.fail(str(exc))
+    out = Path(args.out) if args.out else Path(args.logdir).expanduser() / "eval_results.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"return mean {result['mean']:.2f} std {result['std']:.2f} min {result['min']:.2f} "
+          f"max {result['max']:.2f} over {args.episodes} episodes; results in {out}")
+    sys.exit(0)
