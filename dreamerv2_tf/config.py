@@ -7,6 +7,7 @@ only change existing keys, and their values are coerced to the default's type.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import sys
@@ -353,3 +354,10 @@ def fail(message: str) -> None:
     line = " ".join(str(message).split())  # e.g. YAML parser errors span several lines
     print(f"error: {line}", file=sys.stderr)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: one-line errors and exit status 2, like config errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message} (see --help)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -75,7 +74,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__)
+    parser = configlib.ArgumentParser(prog="eval.py", description=__doc__)
     parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", default=None, help="write the first episode as .mp4 or .gif")

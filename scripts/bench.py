@@ -35,8 +35,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from dreamerv2_tf import config as configlib  # noqa: E402

@@ -16,8 +16,6 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only; never needs a display
@@ -28,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from dreamerv2_tf import scores as S  # noqa: E402
+from dreamerv2_tf.config import ArgumentParser  # noqa: E402
 
 DEFAULT_NAME = "dreamerv2_tf"
 FORMATS = (".png", ".pdf", ".svg")
@@ -39,16 +38,8 @@ REFERENCES = (
 )
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = Parser(
+    parser = ArgumentParser(
         prog="plot.py",
         description="Plot learning curves of runs (metrics.jsonl + config.yaml), one panel per task, with the "
                     "mean and spread over seeds of the same task and method.",

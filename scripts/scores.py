@@ -15,26 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
 import numpy as np  # noqa: E402
 
 from dreamerv2_tf import scores as S  # noqa: E402
+from dreamerv2_tf.config import ArgumentParser  # noqa: E402
 
 DEFAULT_NAME = "dreamerv2_tf"
 NO_VALUE = "—"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = Parser(
+    parser = ArgumentParser(
         prog="scores.py",
         description="Aggregate Atari scores the four ways of paper Table 1 (per seed, then averaged over "
                     "seeds) and list per-game scores next to Table K1.",

@@ -23,8 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
+from dreamerv2_tf.config import ArgumentParser  # noqa: E402
 from dreamerv2_tf.scores import GAMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,21 +32,13 @@ TRAIN_SCRIPT = "scripts/train.py"
 OWN_FLAGS = ("--configs", "--task", "--seed", "--logdir")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1:]
-    parser = Parser(
+    parser = ArgumentParser(
         prog="sweep.py",
         description="Write (or --launch) one scripts/train.py command per (game, seed) of the 55-game Atari "
                     "benchmark: python scripts/train.py --configs defaults atari --task atari_<game> --seed S "
