@@ -15,12 +15,6 @@ from dreamerv2_tf import config as configlib
 def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = None, seed: int | None = None,
              mode: str = "eval") -> dict[str, Any]:
     """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns."""
-    from dreamerv2_tf.agent import Agent, set_precision
-    from dreamerv2_tf.checkpoint import restore_weights
-    from dreamerv2_tf.driver import Driver
-    from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.train import env_kwargs
-
     logdir = Path(logdir).expanduser()
     config_path = logdir / "config.yaml"
     if not config_path.exists():
@@ -28,6 +22,13 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     config = configlib.build(["defaults"], configlib.Config.load(config_path).to_dict())
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
+
+    # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
+    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.checkpoint import restore_weights
+    from dreamerv2_tf.driver import Driver
+    from dreamerv2_tf.envs import make_env
+    from dreamerv2_tf.train import env_kwargs
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
     env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import signal
 import sys
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.logger import Logger, Progress
+from dreamerv2_tf.logger import METRICS_FILE, Logger, Progress, read_metrics
 
 # Keys that may differ between the saved config of a logdir and a resumed run.
 # Changing any other key that shapes the networks or optimizers is refused.
@@ -77,7 +78,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Every:
-    """True once every `interval` steps of a growing counter (never when interval <= 0)."""
+    """True when a growing counter passes the next multiple of `interval` after `last`.
+
+    Without `last` the first call is True. Firing on multiples keeps log and
+    checkpoint steps round and evenly spaced, also after resuming mid-interval.
+    Never True when interval <= 0.
+    """
 
     def __init__(self, interval: int, last: int | None = None):
         self.interval, self.last = interval, last
@@ -85,8 +91,8 @@ class Every:
     def __call__(self, step: int) -> bool:
         if self.interval <= 0:
             return False
-        if self.last is None or step >= self.last + self.interval:
-            self.last = step - step % self.interval if self.last is not None else step
+        if self.last is None or step // self.interval > self.last // self.interval:
+            self.last = step
             return True
         return False
 
@@ -119,23 +125,30 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
     if config is None or not isinstance(config, configlib.Config):
         config = configlib.build(["defaults"], dict(config or {}))
     config = config.update(overrides)
-    make = None
-    if env_fn is not None:
-        from dreamerv2_tf.envs.gym import GymEnv
+    if env_fn is None:
+        return run(config)
+    first = env_fn()
+    if not config.logdir:
+        # Name the default logdir after the env, not after `config.task`, which it does not use.
+        spec = getattr(first, "spec", None)
+        name = f"gym_{spec.id}" if getattr(spec, "id", None) else "custom"
+        config = config.update({"logdir": str(Path("logdir") / name / f"seed{config.seed}")})
+    pending = [first]
 
-        make = lambda seed, mode: GymEnv(env_fn(), seed=seed, size=tuple(config.size))  # noqa: E731
+    def make(seed: int, mode: str) -> Any:
+        from dreamerv2_tf.envs.gym import GymEnv
+        from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
+
+        # The same wrappers as make_env applies to gym_<id> tasks.
+        env: Any = GymEnv(pending.pop() if pending else env_fn(), seed=seed, size=tuple(config.size))
+        env = ActionRepeat(env, config.action_repeat) if config.action_repeat > 1 else env
+        return TimeLimit(env, config.time_limit) if config.time_limit else env
+
     return run(config, make)
 
 
 def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = None) -> Path:
     """Run (or resume) training as configured; returns the logdir."""
-    from dreamerv2_tf.agent import Agent, set_precision
-    from dreamerv2_tf.checkpoint import Checkpointer, restore_weights
-    from dreamerv2_tf.driver import Driver, random_policy
-    from dreamerv2_tf.envs import make_env as make_task_env
-    from dreamerv2_tf.envs import make_envs
-    from dreamerv2_tf.replay import Replay
-
     logdir = default_logdir(config)
     logdir.mkdir(parents=True, exist_ok=True)
     saved_path = logdir / "config.yaml"
@@ -145,6 +158,17 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
             print(f"resuming with changed keys: {', '.join(changed)}")
     config.save(saved_path)
     print(f"logdir: {logdir.resolve()}")
+
+    # Imported after the config checks, so a refused resume fails without waiting for TensorFlow.
+    import tensorflow as tf
+
+    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.checkpoint import Checkpointer, restore_weights
+    from dreamerv2_tf.driver import Driver, random_policy
+    from dreamerv2_tf.envs import make_env as make_task_env
+    from dreamerv2_tf.envs import make_envs
+    from dreamerv2_tf.replay import Replay
+
     seed_everything(config.seed, config.deterministic)
     precision = set_precision(config.precision)
     dtypes = {"32": "float32", "16": "mixed float16", "bf16": "mixed bfloat16"}
@@ -172,15 +196,23 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
     agent = Agent(obs_space, act_space, config, precision)
     counts = agent.param_counts()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    checkpointer = Checkpointer(logdir / "checkpoints", config.checkpoint_keep, agent=agent)
+    # The agent step is checkpointed too: offline runs have no episodes to count it from.
+    saved_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="agent_steps")
+    checkpointer = Checkpointer(logdir / "checkpoints", config.checkpoint_keep, agent=agent, step=saved_step)
     resumed = checkpointer.restore()
     if resumed:
         print(f"resumed from {resumed}")
     elif config.from_checkpoint:
         print(f"initialised weights from {restore_weights(config.from_checkpoint, agent)}")
 
-    # Agent steps so far: every train episode on disk counts, so a resumed run continues where data ends.
-    step = Counter(0 if offline else sum(_episode_lengths(replay_dir)))
+    step = Counter(_resume_step(logdir, None if offline else replay_dir, int(saved_step.numpy())))
+    if step.value:
+        print(f"continuing at agent step {step.value:,}")
+
+    def save() -> None:
+        saved_step.assign(step.value)
+        checkpointer.save(step.value)
+
     logger = Logger(logdir, lambda: step.value, config.action_repeat)
     last_video = {"train": -10**12}
 
@@ -204,9 +236,11 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         if not offline:
             _prefill(config, train_driver, random_policy(act_space, len(train_envs), config.seed), step, stop,
                      train_replay)
-        if train_replay.num_episodes == 0:
+        if train_replay.num_episodes == 0 and not stop.requested:
             raise configlib.ConfigError(f"no episodes to train on in {replay_dir}")
-        dataset = iter(train_replay.dataset(config.dataset.batch, config.dataset.length))
+        # A stop during prefill may leave nothing to sample; the loop below is skipped then anyway.
+        dataset = None if stop.requested else iter(train_replay.dataset(config.dataset.batch,
+                                                                        config.dataset.length))
         if not resumed and not stop.requested:
             print(f"pretraining for {config.pretrain} updates")
             for _ in range(config.pretrain):
@@ -225,7 +259,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         while step.value < config.steps and not stop.requested:
             if should_eval(step.value) and config.eval_eps > 0:
                 eval_driver.reset()
-                eval_driver(eval_policy, episodes=config.eval_eps)
+                for _ in range(config.eval_eps):  # one at a time, so a stop request need not wait for all
+                    if stop.requested:
+                        break
+                    eval_driver(eval_policy, episodes=1)
             if offline:
                 step.increment(config.train_every)
             else:
@@ -244,10 +281,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
                 logger.rates(updates)
                 logger.write(fps=True)
             if should_save(step.value):
-                checkpointer.save(step.value)
+                save()
             progress.update_to(step.value)
         progress.close()
-        checkpointer.save(step.value)
+        save()
         logger.write()
         logger.close()
     for env in [*train_envs, eval_env]:
@@ -262,6 +299,20 @@ class Counter:
 
     def increment(self, amount: int = 1) -> None:
         self.value += amount
+
+
+def _resume_step(logdir: Path, replay_dir: Path | None, saved: int) -> int:
+    """The agent step a (resumed) run continues from.
+
+    Steps of an episode still running at a crash are not on disk, so the step
+    counted from episode files can lag the one a checkpoint or a log line
+    already reached; the largest of the three keeps steps in metrics.jsonl and
+    TensorBoard increasing.
+    """
+    candidates = [saved, sum(_episode_lengths(replay_dir)) if replay_dir is not None else 0]
+    if (logdir / METRICS_FILE).is_file():
+        candidates += [int(record.get("step", 0)) for record in read_metrics(logdir, null_as_nan=False)]
+    return max(candidates)
 
 
 def _episode_lengths(directory: Path) -> list[int]:
@@ -295,5 +346,16 @@ def main(argv: list[str] | None = None) -> None:
         configlib.fail(str(exc))
     sys.exit(0)
 
+
+class _CallableModule(types.ModuleType):
+    """`dreamerv2_tf.train` is the package's training function, but importing this submodule makes Python
+    rebind that package attribute to the module; forwarding calls keeps `dreamerv2_tf.train(env_fn, config)`
+    working in whichever order things were imported."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["train", "run", "main", "default_logdir", "check_resume"]

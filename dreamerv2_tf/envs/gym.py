@@ -1,4 +1,4 @@
-"""Any gymnasium environment by id, converted to the env protocol.
+"""Any gymnasium environment, by id or instance, converted to the env protocol.
 
 Observations: an image Box (uint8, HxW or HxWxC) becomes 'image' resized to
 `size`; any other Box, Discrete (one-hot), MultiBinary or MultiDiscrete becomes
@@ -57,11 +57,19 @@ def _converter(space: spaces.Space, size: tuple[int, int], key: str) -> tuple[sp
 
 
 class GymEnv:
-    """Wraps `gymnasium.make(env_id)`; terminated -> is_terminal, truncated -> is_last only."""
+    """Wraps `gymnasium.make(env_id)` or a gymnasium env instance (as `train(env_fn)` passes it);
+    terminated -> is_terminal, truncated -> is_last only."""
 
-    def __init__(self, env_id: str, *, seed: int = 0, size: tuple[int, int] = (64, 64),
+    def __init__(self, env: str | Any, *, seed: int = 0, size: tuple[int, int] = (64, 64),
                  **make_kwargs: Any):
-        self._env = make_gym(env_id, **make_kwargs)
+        if isinstance(env, str):
+            env = make_gym(env, **make_kwargs)
+        elif make_kwargs:
+            raise ValueError(f"GymEnv keyword arguments {sorted(make_kwargs)} apply only to an env id, "
+                             "not to an env instance")
+        elif not (hasattr(env, "observation_space") and hasattr(env, "action_space") and hasattr(env, "step")):
+            raise ValueError(f"expected a gymnasium env id or env instance, got {type(env).__name__}")
+        self._env = env
         self._seed: int | None = int(seed)
         size = (int(size[0]), int(size[1]))
         obs_space = self._env.observation_space

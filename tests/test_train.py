@@ -1,0 +1,513 @@
+"""The training loop end to end: scripts/train.py on real ALE Pong with the `debug` config, resume after a
+kill, Ctrl-C, config changes on resume, --from_checkpoint, scripts/eval.py and `dreamerv2_tf.train(env_fn)`.
+
+Each subprocess run costs ~20-40 s (mostly TensorFlow tracing), so runs are shared through module-scoped
+fixtures: `pong_run` is one finished run that several tests read (tests that resume it work on a copy),
+and `interrupted` kills a run, restarts it and stops it with SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dreamerv2_tf import config as configlib
+from dreamerv2_tf import train as trainlib
+from dreamerv2_tf.logger import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
+EVAL_SCRIPT = ROOT / "scripts" / "eval.py"
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+REPEAT = 4
+TIME_LIMIT = 50
+# Short Pong episodes (time limit) and every periodic action each 100 agent steps.
+PONG = ["--configs", "defaults", "debug", "--task", "atari_pong", "--time_limit", str(TIME_LIMIT),
+        "--action_repeat", str(REPEAT), "--prefill", "100", "--log_every", "100", "--eval_every", "100",
+        "--checkpoint_every", "100"]
+LOSSES = ("model_loss", "actor_loss", "critic_loss")
+
+
+def train_cmd(logdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), *PONG, "--logdir", str(logdir), *extra]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def episode_files(logdir: Path, kind: str = "train") -> set[str]:
+    return {path.name for path in (logdir / f"{kind}_episodes").glob("*.npz")}
+
+
+def checkpoint_number(logdir: Path) -> int | None:
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(logdir / "checkpoints"))
+    return int(latest.rsplit("-", 1)[-1]) if latest else None
+
+
+def checkpoint_values(path: str) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The whole stderr of a failed script: exactly one line starting with 'error:'."""
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not _tf_noise(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _tf_noise(line: str) -> bool:
+    # Start-up chatter on stderr: TensorFlow/absl lines that TF_CPP_MIN_LOG_LEVEL does not silence, ALE's banner.
+    return bool(re.match(r"^(WARNING: All log messages before absl|[IWE]\d{4} |A\.L\.E: |\[Powered by Stella\])",
+                         line))
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} while waiting for {what}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# ---- one finished run ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pong_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    logdir = tmp_path_factory.mktemp("pong") / "run"
+    result = run(train_cmd(logdir, "--steps", "300"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return logdir, result
+
+
+def test_run_writes_config_episodes_and_checkpoint(pong_run):
+    logdir, result = pong_run
+    saved = configlib.Config.load(logdir / "config.yaml")
+    assert saved.task == "atari_pong" and saved.steps == 300 and saved.action_repeat == REPEAT
+    assert saved.rssm.deter == configlib.build(["defaults", "debug"]).rssm.deter
+    train_files = sorted((logdir / "train_episodes").glob("*.npz"))
+    assert len(train_files) >= 300 // TIME_LIMIT - 1 and episode_files(logdir, "eval")
+    with np.load(train_files[0]) as episode:
+        length = len(episode["reward"])
+        assert length == TIME_LIMIT + 1  # the reset step plus one per agent step
+        assert episode["image"].shape == (length, 64, 64, 1) and episode["image"].dtype == np.uint8
+        assert episode["action"].shape == (length, 18)
+        assert episode["is_first"][0] and not episode["is_first"][1:].any() and episode["is_last"][-1]
+    assert checkpoint_number(logdir) == 300
+    assert "finished at step 300" in result.stdout
+
+
+def test_metrics_jsonl_has_returns_losses_steps_and_frames(pong_run):
+    logdir, _ = pong_run
+    records = read_metrics(logdir)
+    steps = [record["step"] for record in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+    assert all(record["frames"] == record["step"] * REPEAT for record in records)
+    for key in ("train_return", "eval_return", *LOSSES):
+        values = [record[key] for record in records if key in record]
+        assert values and all(np.isfinite(values)), key
+    # Pong scores lie in [-21, 21] and a 50-step episode cannot reach them.
+    assert all(abs(record["train_return"]) <= 21 for record in records if "train_return" in record)
+
+
+def test_tensorboard_has_the_same_scalars_and_gif_videos(pong_run):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    logdir, _ = pong_run
+    accumulator = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["tensors"])
+    assert {"train_return", "eval_return", *LOSSES} <= tags
+    records = read_metrics(logdir)
+    for key in ("eval_return", *LOSSES):
+        logged = {record["step"]: record[key] for record in records if key in record}
+        board = {event.step: float(tensor_util.make_ndarray(event.tensor_proto))
+                 for event in accumulator.Tensors(key)}
+        assert board.keys() == logged.keys(), key
+        np.testing.assert_allclose([board[s] for s in logged], list(logged.values()), rtol=1e-5)
+    videos = [tag for tag in tags if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "images"]
+    assert "eval_policy_image" in videos
+    width, height, blob = tensor_util.make_ndarray(accumulator.Tensors("eval_policy_image")[-1].tensor_proto)
+    assert (int(width), int(height)) == (64, 64) and blob[:4] == b"GIF8"
+
+
+# ---- SIGKILL, resume, SIGINT -----------------------------------------------------------------------------
+
+
+@dataclass
+class Interrupted:
+    logdir: Path
+    before_kill: dict          # episodes, metrics lines, checkpoint at the moment the first run died
+    resume_output: str
+    resume_code: int
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Interrupted:
+    """Start a long run, SIGKILL it after its first checkpoint, restart the same command, then SIGINT it."""
+    logdir = tmp_path_factory.mktemp("killed") / "run"
+    cmd = train_cmd(logdir, "--steps", "5000")
+    metrics = logdir / "metrics.jsonl"
+    with open(logdir.parent / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        try:
+            wait_for(lambda: (logdir / "checkpoints" / "checkpoint").exists(), 240, first, "a checkpoint")
+        finally:
+            first.kill()
+            first.wait()
+    before = {"episodes": episode_files(logdir), "lines": metrics.read_text().splitlines(),
+              "checkpoint": checkpoint_number(logdir)}
+    out = logdir.parent / "second.log"
+    with open(out, "w") as log:
+        second = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        try:
+            # Once a new metrics line exists the loop runs, so the signal arrives mid-training.
+            wait_for(lambda: len(metrics.read_text().splitlines()) > len(before["lines"]), 240, second,
+                     "a log line of the resumed run")
+            second.send_signal(signal.SIGINT)
+            code = second.wait(timeout=120)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+    return Interrupted(logdir, before, out.read_text(), code)
+
+
+def test_resume_after_kill_continues_step_and_keeps_data(interrupted):
+    logdir, before, output = interrupted.logdir, interrupted.before_kill, interrupted.resume_output
+    assert before["checkpoint"] is not None and "resumed from" in output
+    assert "prefill:" not in output and "pretraining" not in output
+    continued = int(re.search(r"continuing at agent step ([\d,]+)", output).group(1).replace(",", ""))
+    old_steps = [json.loads(line)["step"] for line in before["lines"] if line.strip()]
+    assert continued >= max(old_steps, default=0) and continued >= before["checkpoint"] >= 100
+    # Nothing on disk is lost and the metrics file keeps its old lines, with larger steps appended.
+    assert before["episodes"] and before["episodes"] <= episode_files(logdir)
+    lines = (logdir / "metrics.jsonl").read_text().splitlines()
+    assert lines[:len(before["lines"])] == before["lines"]
+    new_steps = [json.loads(line)["step"] for line in lines[len(before["lines"]):]]
+    assert new_steps and new_steps[0] > max(old_steps, default=0)
+    assert new_steps == sorted(new_steps)
+
+
+def test_sigint_finishes_update_saves_and_exits_zero(interrupted):
+    assert interrupted.resume_code == 0, interrupted.resume_output[-3000:]
+    output = interrupted.resume_output
+    assert "received SIGINT" in output
+    stopped = int(re.search(r"stopped at step ([\d,]+)", output).group(1).replace(",", ""))
+    assert stopped < 5000 and checkpoint_number(interrupted.logdir) == stopped
+    import tensorflow as tf
+
+    values = checkpoint_values(tf.train.latest_checkpoint(str(interrupted.logdir / "checkpoints")))
+    assert int(values["step/.ATTRIBUTES/VARIABLE_VALUE"]) == stopped
+    assert int(values["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) > 1  # updates were made and kept
+
+
+# ---- config changes on resume, --from_checkpoint ---------------------------------------------------------
+
+
+def copy_run(pong_run, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(pong_run[0], target)
+    return target
+
+
+def test_resume_with_a_different_architecture_exits_2_naming_the_key(pong_run, tmp_path):
+    logdir = copy_run(pong_run, tmp_path)
+    saved = (logdir / "config.yaml").read_text()
+    result = run(train_cmd(logdir, "--steps", "300", "--rssm.deter", "64"), timeout=120)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "rssm.deter" in line and "64" in line
+    assert (logdir / "config.yaml").read_text() == saved  # the refused run leaves the logdir alone
+
+
+def test_resume_with_more_steps_continues(pong_run, tmp_path):
+    logdir = copy_run(pong_run, tmp_path)
+    old = read_metrics(logdir)
+    result = run(train_cmd(logdir, "--steps", "400"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The copy lives at another path, so logdir changed too; neither refuses the resume.
+    assert re.search(r"resuming with changed keys: logdir, steps\n", result.stdout)
+    assert "continuing at agent step 300" in result.stdout
+    records = read_metrics(logdir)
+    assert records[:len(old)] == old
+    assert [record["step"] for record in records[len(old):]][0] > 300 and records[-1]["step"] == 400
+    assert checkpoint_number(logdir) == 400
+    assert configlib.Config.load(logdir / "config.yaml").steps == 400
+
+
+def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tmp_path):
+    import tensorflow as tf
+
+    source = pong_run[0]
+    logdir = tmp_path / "fresh"
+    # Steps equal to prefill and no pretraining: no update runs, so the final checkpoint holds what was loaded.
+    result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "initialised weights from" in result.stdout and "resumed from" not in result.stdout
+    loaded = checkpoint_values(tf.train.latest_checkpoint(str(logdir / "checkpoints")))
+    saved = checkpoint_values(tf.train.latest_checkpoint(str(source / "checkpoints")))
+    agent_keys = [key for key in saved if key.startswith("agent/")]
+    assert len(agent_keys) > 50 and set(agent_keys) == {key for key in loaded if key.startswith("agent/")}
+    for key in agent_keys:
+        np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+    assert int(loaded["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 100  # the agent step starts afresh
+
+
+def test_from_checkpoint_missing_path_exits_2(tmp_path):
+    result = run(train_cmd(tmp_path / "run", "--from_checkpoint", str(tmp_path / "nothing")), timeout=120)
+    assert result.returncode == 2 and "no checkpoint" in error_line(result)
+
+
+# ---- scripts/eval.py -------------------------------------------------------------------------------------
+
+
+def test_eval_script_reports_statistics_json_and_gif(pong_run, tmp_path):
+    import imageio.v3 as iio
+
+    logdir = copy_run(pong_run, tmp_path)
+    video = tmp_path / "out.gif"
+    result = run([sys.executable, str(EVAL_SCRIPT), "--logdir", str(logdir), "--episodes", "2",
+                  "--video", str(video)], timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"return mean -?[\d.]+ std [\d.]+ min -?[\d.]+ max -?[\d.]+ over 2 episodes", result.stdout)
+    report = json.loads((logdir / "eval_results.json").read_text())
+    assert len(report["returns"]) == 2 and report["lengths"] == [TIME_LIMIT, TIME_LIMIT]
+    assert report["mean"] == pytest.approx(np.mean(report["returns"]))
+    assert report["min"] <= report["mean"] <= report["max"]
+    assert report["checkpoint"].endswith("ckpt-300")
+    frames = iio.imread(video, index=None)
+    # The GIF encoder merges identical consecutive frames (Pong's opening), so up to one per step.
+    assert 2 <= frames.shape[0] <= TIME_LIMIT + 1 and frames.shape[1:3] == (64, 64)
+    assert len(np.unique(frames.reshape(len(frames), -1), axis=0)) > 1
+
+
+def test_eval_script_without_config_exits_2(tmp_path):
+    result = run([sys.executable, str(EVAL_SCRIPT), "--logdir", str(tmp_path), "--episodes", "1"], timeout=120)
+    assert result.returncode == 2 and "config.yaml" in error_line(result)
+
+
+# ---- Python API ------------------------------------------------------------------------------------------
+
+
+def cartpole_config(logdir: Path) -> configlib.Config:
+    vector = configlib.read_named_configs()["vector"]
+    return configlib.build(["defaults", "debug"], {
+        "encoder": vector["encoder"], "decoder": vector["decoder"], "log_keys_video": [],
+        "logdir": str(logdir), "steps": 300, "prefill": 100, "time_limit": 100,
+        "log_every": 100, "eval_every": 150, "checkpoint_every": 100})
+
+
+def test_python_api_trains_a_gymnasium_env_in_process(tmp_path):
+    import gymnasium
+    import keras
+
+    import dreamerv2_tf
+
+    calls = []
+
+    def env_fn():
+        calls.append(1)
+        return gymnasium.make("CartPole-v1")
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        logdir = dreamerv2_tf.train(env_fn, cartpole_config(tmp_path / "cartpole"), seed=3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert signal.getsignal(signal.SIGINT) is handler  # the Ctrl-C handler is only installed while training
+    assert Path(logdir) == tmp_path / "cartpole" and len(calls) == 2  # one train env, one eval env
+    assert configlib.Config.load(logdir / "config.yaml").seed == 3
+    records = read_metrics(logdir)
+    assert records[-1]["step"] == 300 and all(r["frames"] == r["step"] for r in records)
+    for key in ("train_return", "eval_return", *LOSSES):
+        assert any(key in record for record in records), key
+    # CartPole pays 1 per step, so a return equals the episode length (at most the time limit).
+    for record in records:
+        if "train_return" in record:
+            assert 1 <= record["train_return"] <= 100
+    with np.load(sorted((logdir / "train_episodes").glob("*.npz"))[0]) as episode:
+        assert episode["vector"].shape[1:] == (4,) and episode["action"].shape[1:] == (2,)
+    assert checkpoint_number(logdir) == 300
+
+
+def test_sigint_during_prefill_before_any_episode_saves_and_returns(tmp_path, capsys):
+    import gymnasium
+    import keras
+
+    import dreamerv2_tf
+
+    class InterruptAtStep5(gymnasium.Wrapper):
+        """Ctrl-C from inside the env, at a known point of the prefill."""
+
+        count = 0
+
+        def step(self, action):
+            InterruptAtStep5.count += 1
+            if InterruptAtStep5.count == 5:
+                signal.raise_signal(signal.SIGINT)
+            return super().step(action)
+
+    # MountainCar's random episodes run the full 200 steps, so the first 100-step chunk finishes none.
+    config = cartpole_config(tmp_path / "run").update({"prefill": 1000, "steps": 2000, "time_limit": 0})
+    try:
+        logdir = dreamerv2_tf.train(lambda: InterruptAtStep5(gymnasium.make("MountainCar-v0")), config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    output = capsys.readouterr().out
+    assert "received SIGINT" in output and "stopped at step 100" in output
+    assert not episode_files(logdir) and checkpoint_number(logdir) == 100
+
+
+def test_train_api_builds_wrapped_gym_envs_and_names_the_logdir(monkeypatch):
+    import gymnasium
+
+    from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
+
+    made = []
+
+    def env_fn():
+        made.append(gymnasium.make("CartPole-v1"))
+        return made[-1]
+
+    captured = {}
+    monkeypatch.setattr(trainlib, "run", lambda config, make: captured.update(config=config, make=make))
+    trainlib.train(env_fn, {"action_repeat": 2, "time_limit": 7, "seed": 5})
+    config, make = captured["config"], captured["make"]
+    assert Path(config.logdir) == Path("logdir") / "gym_CartPole-v1" / "seed5"
+    env = make(5, "train")
+    assert len(made) == 1 and env.env.env._env is made[0]  # the env built to name the logdir is reused
+    assert isinstance(env, TimeLimit) and isinstance(env.env, ActionRepeat) and env.limit == 7
+    assert env.obs_space["vector"].shape == (4,)
+    obs = env.reset()
+    for index in range(7):
+        assert not obs["is_last"]
+        # Alternating pushes keep the pole up, so only the time limit ends the episode.
+        obs = env.step({"action": np.eye(2, dtype=np.float32)[index % 2]})
+    assert obs["is_last"] and not obs["is_terminal"]
+    make(6, "eval").close()
+    assert len(made) == 2
+    env.close()
+
+
+def test_gym_env_accepts_an_instance_but_no_make_kwargs_with_it():
+    import gymnasium
+
+    from dreamerv2_tf.envs.gym import GymEnv
+
+    env = GymEnv(gymnasium.make("CartPole-v1"), seed=0)
+    assert env.reset()["vector"].shape == (4,) and env.act_space["action"].n == 2
+    env.close()
+    with pytest.raises(ValueError, match="apply only to an env id"):
+        GymEnv(gymnasium.make("CartPole-v1"), max_episode_steps=5)
+    with pytest.raises(ValueError, match="gymnasium env id or env instance"):
+        GymEnv(42)
+
+
+# ---- units -----------------------------------------------------------------------------------------------
+
+
+def test_check_resume_allows_run_length_keys_and_refuses_architecture():
+    saved = configlib.build(["defaults", "debug"])
+    assert trainlib.check_resume(saved, saved) == []
+    assert trainlib.check_resume(saved, saved.update({"steps": 9000, "log_every": 7})) == ["log_every", "steps"]
+    for key, value in (("rssm.deter", 64), ("task", "atari_breakout"), ("model_opt.lr", 1.0),
+                       ("precision", "16"), ("encoder.cnn_depth", 8)):
+        with pytest.raises(configlib.ConfigError, match=re.escape(key)):
+            trainlib.check_resume(saved, saved.update({key: value, "steps": 5}))
+
+
+def test_every_fires_on_multiples_of_the_interval():
+    every = trainlib.Every(100)
+    assert [every(step) for step in (37, 60, 99, 100, 150, 230, 300, 301)] == [
+        True, False, False, True, False, True, True, False]
+    resumed = trainlib.Every(100, last=150)  # resumed mid-interval: next at 200, not 250
+    assert [resumed(step) for step in (160, 199, 200, 250, 300)] == [False, False, True, False, True]
+    assert not any(trainlib.Every(0)(step) for step in range(5))
+
+
+def test_episode_metrics_returns_lengths_and_log_keys():
+    episode = {"reward": np.array([0.0, 1.0, -2.0, 3.5]), "log_reward": np.array([0.0, 1.0, 1.0, 0.0]),
+               "log_achievement_x": np.array([0, 0, 1, 1])}
+    metrics = trainlib.episode_metrics(episode, "eval")
+    assert metrics == {"eval_return": 2.5, "eval_length": 3.0, "eval_task_return": 2.0,
+                       "eval_achievement_x": 1.0}
+
+
+def test_default_logdir():
+    config = configlib.build(["defaults"], {"task": "atari_breakout", "seed": 4})
+    assert trainlib.default_logdir(config) == Path("logdir") / "atari_breakout" / "seed4"
+    assert trainlib.default_logdir(config.update({"logdir": "~/runs/x"})) == Path.home() / "runs" / "x"
+
+
+def test_resume_step_is_the_largest_of_checkpoint_episodes_and_logged_steps(tmp_path):
+    episodes = tmp_path / "train_episodes"
+    episodes.mkdir()
+    for name in ("20240101T000000.000000-aa-51.npz", "20240101T000001.000000-bb-31.npz", "notes.txt"):
+        (episodes / name).write_bytes(b"")
+    assert trainlib._resume_step(tmp_path, episodes, 0) == 80  # lengths minus the reset step
+    assert trainlib._resume_step(tmp_path, episodes, 120) == 120
+    (tmp_path / "metrics.jsonl").write_text('{"step": 100}\n{"step": 150}\n{"step": 1')  # a cut last line
+    with pytest.warns(UserWarning, match="not a complete JSON object"):
+        assert trainlib._resume_step(tmp_path, episodes, 120) == 150
+        assert trainlib._resume_step(tmp_path, None, 0) == 150  # offline: no episode files to count
+
+
+def test_stop_turns_sigint_into_a_flag_and_restores_the_handler():
+    previous = signal.getsignal(signal.SIGINT)
+    with trainlib.Stop() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+    results = []
+    thread = threading.Thread(target=lambda: results.append(trainlib.Stop().__enter__().requested))
+    thread.start()
+    thread.join()
+    assert results == [False]  # outside the main thread signals are left alone instead of failing
+
+
+# ---- full size -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_atari_config_builds_and_completes_one_update(tmp_path):
+    logdir = tmp_path / "atari"
+    # Episodes just longer than the 50-step training sequences; steps == prefill, so only the pretrain update.
+    result = run([sys.executable, str(TRAIN_SCRIPT), "--configs", "defaults", "atari", "--task", "atari_pong",
+                  "--logdir", str(logdir), "--time_limit", "60", "--prefill", "60", "--steps", "60",
+                  "--eval_eps", "0"], timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = {name: int(count.replace(",", "")) for name, count in
+              re.findall(r"(world_model|actor|critic) ([\d,]+)", result.stdout)}
+    assert 15e6 < counts["world_model"] < 25e6 and 0.5e6 < counts["actor"] < 2e6
+    import tensorflow as tf
+
+    values = checkpoint_values(tf.train.latest_checkpoint(str(logdir / "checkpoints")))
+    assert int(values["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 1
