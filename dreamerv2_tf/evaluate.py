@@ -28,7 +28,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     from dreamerv2_tf.checkpoint import restore_weights
     from dreamerv2_tf.driver import Driver
     from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.train import env_kwargs
+    from dreamerv2_tf.training import env_kwargs
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
     env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config))

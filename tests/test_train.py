@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf import train as trainlib
+from dreamerv2_tf import training as trainlib
 from dreamerv2_tf.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import signal
 import sys
-import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -347,15 +346,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
-class _CallableModule(types.ModuleType):
-    """`dreamerv2_tf.train` is the package's training function, but importing this submodule makes Python
-    rebind that package attribute to the module; forwarding calls keeps `dreamerv2_tf.train(env_fn, config)`
-    working in whichever order things were imported."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["train", "run", "main", "default_logdir", "check_resume"]
