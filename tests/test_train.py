@@ -132,6 +132,22 @@ def test_metrics_jsonl_has_returns_losses_steps_and_frames(pong_run):
     assert all(abs(record["train_return"]) <= 21 for record in records if "train_return" in record)
 
 
+def test_scores_and_plot_scripts_read_the_real_run(pong_run, tmp_path):
+    from dreamerv2_tf import scores
+
+    logdir, _ = pong_run
+    records = [r for r in read_metrics(logdir) if r.get("eval_return") is not None]
+    curve = scores.read_curve(logdir)
+    assert curve.task == "atari_pong" and list(curve.step) == [r["step"] for r in records]
+    assert scores.final_score(curve) == records[-1]["eval_return"]
+    table = run([sys.executable, str(ROOT / "scripts" / "scores.py"), str(logdir), "--allow-partial"])
+    assert table.returncode == 0 and "PARTIAL" in table.stdout and "covers 1 of 55 games" in table.stdout
+    out = tmp_path / "curve.png"
+    plot = run([sys.executable, str(ROOT / "scripts" / "plot.py"), str(logdir), "--out", str(out)])
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tensorboard_has_the_same_scalars_and_gif_videos(pong_run):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
