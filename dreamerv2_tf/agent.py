@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dreamerv2_tf import distribute
 from dreamerv2_tf.behavior import ActorCritic
 from dreamerv2_tf.world_model import WorldModel
 
@@ -55,7 +56,11 @@ def action_spec(act_space: Mapping) -> tuple[int, bool]:
 
 
 class Agent(tf.Module):
-    """DreamerV2. Build it after `set_precision`; `train` and `policy` are tf.function graphs."""
+    """DreamerV2. Build it after `set_precision`; `train` and `policy` are tf.function graphs.
+
+    Built inside `strategy.scope()`, its variables are mirrored and `train` runs data-parallel on
+    the strategy's replicas (see distribute.py).
+    """
 
     def __init__(self, obs_space: Mapping, act_space: Mapping, config, precision: str | None = None):
         super().__init__(name="agent")
@@ -69,12 +74,14 @@ class Agent(tf.Module):
         self.expl_behavior = config.expl_behavior
         self.expl_noise, self.eval_noise = config.expl_noise, config.eval_noise
         self.video_keys = tuple(k for k in config.log_keys_video if len(self.obs_shapes.get(k, ())) == 3)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_updates")
+        self.strategy = tf.distribute.get_strategy()  # the strategy whose scope the agent is built in
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_updates",
+                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.wm = WorldModel(self.obs_shapes, self.act_dim, config, mixed16)
         self.ac = ActorCritic(self.wm.rssm.feat_size, self.act_dim, self.discrete, config, mixed16)
         self.wm.build()
         self.ac.build()
-        self._train = tf.function(self._train_step, jit_compile=bool(config.jit), reduce_retracing=True)
+        self._train = distribute.replicated(self._train_step, self.strategy, jit=bool(config.jit))
         self._report = tf.function(self._report_step)
         self._policies = {mode: tf.function(lambda obs, state, m=mode: self._policy_step(obs, state, m))
                           for mode in POLICY_MODES}
@@ -135,8 +142,12 @@ class Agent(tf.Module):
         return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
 
     def train(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """One update of world model, actor and critic on a batch [B, L, ...]."""
-        return self._train(dict(data))
+        """One update of world model, actor and critic on a batch [B, L, ...].
+
+        Under a strategy, `data` is the global batch (split evenly across replicas) or already
+        distributed (from `distribute.distribute_dataset`); metrics are means over replicas.
+        """
+        return self._train(distribute.split_batch(self.strategy, dict(data)))
 
     def _train_step(self, data):
         _, outputs, metrics = self.wm.train(data)
@@ -147,7 +158,9 @@ class Agent(tf.Module):
 
     def report(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Open-loop video predictions (truth | model | error) for each video key."""
-        return self._report(dict(data)) if self.video_keys else {}
+        if not self.video_keys:
+            return {}
+        return self._report(dict(distribute.first_replica(self.strategy, dict(data))))
 
     def _report_step(self, data):
         return {f"openl_{key}": self.wm.video_pred(data, key) for key in self.video_keys}

@@ -69,7 +69,8 @@ class ActorCritic(tf.Module):
         self.slow_baseline = config.slow_baseline
         self.actor_opt = Optimizer("actor", **config.actor_opt, mixed_float16=mixed_float16)
         self.critic_opt = Optimizer("critic", **config.critic_opt, mixed_float16=mixed_float16)
-        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ac_updates")
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ac_updates",
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def build(self) -> None:
         feat = tf.zeros([1, self.feat_size])
@@ -137,6 +138,8 @@ class ActorCritic(tf.Module):
     def _update_slow_critic(self) -> None:
         if self.slow_critic is self.critic:
             return
+        # Under tf.distribute each replica updates its own copy from critic weights that are identical
+        # on every replica (they change only by reduced gradients), so the copies stay equal.
         due = tf.equal(self.updates % self.slow_update, 0)
         mix = tf.where(due, tf.constant(self.slow_fraction, tf.float32), 0.0)
         for slow, fast in zip(self.slow_critic.variables, self.critic.variables, strict=True):

@@ -7,6 +7,24 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from dreamerv2_tf.distribute import mean_over_replicas
+
+
+class _ReducedAdam(keras.optimizers.Adam):
+    """Adam for gradients that `Optimizer.minimize` has already averaged over replicas.
+
+    Keras 3's TF optimizer sums gradients over replicas only after clipping them per replica;
+    here every replica passes the same, already reduced gradients, so clipping sees the global norm.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+if not hasattr(keras.optimizers.Adam, "_all_reduce_sum_gradients"):  # the hook overridden above
+    raise ImportError(f"keras {keras.__version__} no longer reduces gradients in _all_reduce_sum_gradients; "
+                      "dreamerv2_tf.optim needs the Keras version pinned in requirements.txt")
+
 
 class Optimizer(tf.Module):
     """One optimizer per module (model, actor, critic), as in the paper (Table D1).
@@ -19,11 +37,13 @@ class Optimizer(tf.Module):
     def __init__(self, name: str, lr: float, eps: float = 1e-5, clip: float = 100.0, wd: float = 0.0,
                  mixed_float16: bool = False):
         super().__init__(name=name)
-        inner = keras.optimizers.Adam(
+        inner = _ReducedAdam(
             learning_rate=lr, epsilon=eps, weight_decay=wd or None,
             global_clipnorm=clip or None, name=f"{name}_adam")
         self._scaled = mixed_float16
         self.opt = keras.mixed_precision.LossScaleOptimizer(inner) if mixed_float16 else inner
+        # Under tf.distribute each replica updates its own copy (aggregation NONE, no synchronisation,
+        # also inside XLA): it adds the same amount everywhere, since it counts from reduced gradients.
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_skipped")
 
     def build(self, variables: Sequence[tf.Variable]) -> None:
@@ -39,6 +59,8 @@ class Optimizer(tf.Module):
             grads = tape.gradient(loss, variables, output_gradients=seed)
         else:
             grads = tape.gradient(loss, variables)
+        # Data-parallel: the mean of the per-replica gradients (a no-op on one device).
+        grads = mean_over_replicas(grads)
         norm = tf.linalg.global_norm(grads)
         metrics = {f"{self.name}_loss": tf.cast(loss, tf.float32)}
         if self._scaled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,15 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
 
 def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = None) -> Path:
     """Run (or resume) training as configured; returns the logdir."""
+    cluster = None
+    if config.strategy != "default":
+        # Created before anything else touches TensorFlow: multi_worker configures the runtime.
+        from dreamerv2_tf.distribute import Cluster
+
+        cluster = Cluster(config.strategy)
+        if cluster.num_workers > 1:  # every worker collects into its own logdir with its own seed
+            config = config.update({"logdir": str(cluster.worker_logdir(default_logdir(config))),
+                                    "seed": cluster.worker_seed(config.seed)})
     logdir = default_logdir(config)
     logdir.mkdir(parents=True, exist_ok=True)
     saved_path = logdir / "config.yaml"
@@ -163,11 +173,16 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
 
     from dreamerv2_tf.agent import Agent, set_precision
     from dreamerv2_tf.checkpoint import Checkpointer, restore_weights
+    from dreamerv2_tf.distribute import Cluster
     from dreamerv2_tf.driver import Driver, random_policy
     from dreamerv2_tf.envs import make_env as make_task_env
     from dreamerv2_tf.envs import make_envs
     from dreamerv2_tf.replay import Replay
 
+    cluster = cluster or Cluster("default")
+    if cluster.num_replicas > 1 or cluster.num_workers > 1:
+        print(f"strategy: {config.strategy} with {cluster.num_replicas} replicas on {cluster.num_workers} "
+              f"worker(s){'' if cluster.is_chief else f'; this is worker {cluster.worker.worker_id}'}")
     seed_everything(config.seed, config.deterministic)
     precision = set_precision(config.precision)
     dtypes = {"32": "float32", "16": "mixed float16", "bf16": "mixed bfloat16"}
@@ -192,7 +207,8 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         eval_env = make_env(config.seed + 10**4, "eval")
     obs_space, act_space = eval_env.obs_space, eval_env.act_space
 
-    agent = Agent(obs_space, act_space, config, precision)
+    with cluster.scope():  # variables mirrored on every replica
+        agent = Agent(obs_space, act_space, config, precision)
     counts = agent.param_counts()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     # The agent step is checkpointed too: offline runs have no episodes to count it from.
@@ -201,8 +217,9 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
     resumed = checkpointer.restore()
     if resumed:
         print(f"resumed from {resumed}")
-    elif config.from_checkpoint:
+    elif config.from_checkpoint and cluster.is_chief:
         print(f"initialised weights from {restore_weights(config.from_checkpoint, agent)}")
+    cluster.broadcast(agent)  # workers continue from the chief's weights (a no-op on one worker)
 
     step = Counter(_resume_step(logdir, None if offline else replay_dir, int(saved_step.numpy())))
     if step.value:
@@ -212,7 +229,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         saved_step.assign(step.value)
         checkpointer.save(step.value)
 
-    logger = Logger(logdir, lambda: step.value, config.action_repeat)
+    # Only the chief's logs describe the run: other workers' metrics.jsonl would look like extra runs to
+    # scripts/scores.py and scripts/plot.py, so they log to a temporary directory (and their terminal).
+    log_dir = logdir if cluster.is_chief else Path(tempfile.mkdtemp(prefix="dreamerv2_worker_logs_"))
+    logger = Logger(log_dir, lambda: step.value, config.action_repeat)
     last_video = {"train": -10**12}
 
     def on_episode(prefix, episode, worker):
@@ -238,9 +258,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         if train_replay.num_episodes == 0 and not stop.requested:
             raise configlib.ConfigError(f"no episodes to train on in {replay_dir}")
         # A stop during prefill may leave nothing to sample; the loop below is skipped then anyway.
-        dataset = None if stop.requested else iter(train_replay.dataset(config.dataset.batch,
-                                                                        config.dataset.length))
-        if not resumed and not stop.requested:
+        dataset = None if stop.requested else iter(cluster.dataset(
+            lambda batch: train_replay.dataset(batch, config.dataset.length), config.dataset.batch))
+        # Decisions that lead to updates or saves are taken together: every worker must run the same updates.
+        if cluster.agree(not resumed and not stop.requested, "chief") and cluster.agree(not stop.requested):
             print(f"pretraining for {config.pretrain} updates")
             for _ in range(config.pretrain):
                 agent.train(next(dataset))
@@ -255,7 +276,7 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         progress = Progress(config.steps, "training", initial=step.value)
         metrics = collections.defaultdict(list)
         logger.rates(updates)
-        while step.value < config.steps and not stop.requested:
+        while cluster.agree(step.value < config.steps, "chief") and cluster.agree(not stop.requested):
             if should_eval(step.value) and config.eval_eps > 0:
                 eval_driver.reset()
                 for _ in range(config.eval_eps):  # one at a time, so a stop request need not wait for all
@@ -266,7 +287,7 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
                 step.increment(config.train_every)
             else:
                 train_driver(policy, steps=config.train_every)
-            if should_train(step.value):
+            if cluster.agree(should_train(step.value), "chief"):
                 for _ in range(config.train_steps):
                     for key, value in agent.train(next(dataset)).items():
                         metrics[key].append(value)
@@ -279,7 +300,7 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
                 logger.add({k: v.numpy() for k, v in agent.report(next(dataset)).items()})
                 logger.rates(updates)
                 logger.write(fps=True)
-            if should_save(step.value):
+            if cluster.agree(should_save(step.value), "chief"):
                 save()
             progress.update_to(step.value)
         progress.close()
