@@ -171,12 +171,15 @@ class RSSM(keras.layers.Layer):
             return self.obs_step(carry[0], *inputs)
 
         inputs = (_time_major(action), _time_major(embed), _time_major(is_first))
-        post, prior = tf.scan(step, inputs, (state, state))
+        # One iteration at a time: the samplers' seed ops do not depend on the carried state, so parallel
+        # iterations would draw them in a timing-dependent order and break reproducibility.
+        post, prior = tf.scan(step, inputs, (state, state), parallel_iterations=1)
         return _batch_major(post), _batch_major(prior)
 
     def imagine(self, action: tf.Tensor, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Prior states for an action sequence [B, T, A] from a start state [B, ...]."""
-        prior = tf.scan(lambda prev, act: self.img_step(prev, act), _time_major(action), state)
+        prior = tf.scan(lambda prev, act: self.img_step(prev, act), _time_major(action), state,
+                        parallel_iterations=1)  # reproducible sampling, see observe()
         return _batch_major(prior)
 
     def obs_step(self, prev_state: dict[str, tf.Tensor], prev_action: tf.Tensor, embed: tf.Tensor,

@@ -198,8 +198,12 @@ class Replay:
             return {key: np.array(value) for key, value in pieces[0].items()}
         return {key: np.concatenate([piece[key] for piece in pieces]) for key in keys}
 
-    def dataset(self, batch: int, length: int):
-        """tf.data.Dataset of dicts [batch, length, ...], sampled in the background and prefetched."""
+    def dataset(self, batch: int, length: int, prefetch: bool = True):
+        """tf.data.Dataset of dicts [batch, length, ...], sampled in the background and prefetched.
+
+        Without `prefetch` each batch is sampled when it is requested, so the batches depend only on
+        the seed and the episodes added so far, not on thread timing (reproducible runs).
+        """
         import tensorflow as tf
 
         if batch < 1 or length < 1:
@@ -215,7 +219,12 @@ class Replay:
                 yield self.sample_sequence(length)
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
-        return dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.batch(batch, drop_remainder=True)
+        if prefetch:
+            return dataset.prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.experimental_optimization.inject_prefetch = False  # tf.data would otherwise add one
+        return dataset.with_options(options)
 
     # ---- counts -------------------------------------------------------------------------------
 

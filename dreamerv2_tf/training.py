@@ -75,6 +75,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+        # Under op determinism the global generator (saved in checkpoints) must be created from a seed.
+        tf.random.set_global_generator(tf.random.Generator.from_seed(seed))
 
 
 class Every:
@@ -259,7 +261,8 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
             raise configlib.ConfigError(f"no episodes to train on in {replay_dir}")
         # A stop during prefill may leave nothing to sample; the loop below is skipped then anyway.
         dataset = None if stop.requested else iter(cluster.dataset(
-            lambda batch: train_replay.dataset(batch, config.dataset.length), config.dataset.batch))
+            lambda batch: train_replay.dataset(batch, config.dataset.length, prefetch=not config.deterministic),
+            config.dataset.batch))
         # Decisions that lead to updates or saves are taken together: every worker must run the same updates.
         if cluster.agree(not resumed and not stop.requested, "chief") and cluster.agree(not stop.requested):
             print(f"pretraining for {config.pretrain} updates")

@@ -129,7 +129,7 @@ class WorldModel(tf.Module):
             state = self.rssm.img_step(state, action)
             return {**state, "feat": self.rssm.get_feat(state), "action": action}
 
-        seq = tf.scan(step, tf.range(horizon), start)
+        seq = tf.scan(step, tf.range(horizon), start, parallel_iterations=1)  # reproducible sampling (RSSM.observe)
         seq = {k: tf.concat([start[k][None], v], 0) for k, v in seq.items()}
         if "discount" in self.heads:
             disc = self.heads["discount"](seq["feat"]).mean()

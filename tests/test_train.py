@@ -371,6 +371,23 @@ def test_python_api_trains_a_gymnasium_env_in_process(tmp_path):
     assert checkpoint_number(logdir) == 300
 
 
+def test_deterministic_runs_with_the_same_seed_log_identical_metrics(tmp_path):
+    """--deterministic true: op determinism and batches sampled on request, so timing cannot change them."""
+    args = ["--configs", "defaults", "debug", "vector", "--task", "gym_CartPole-v1", "--seed", "5",
+            "--deterministic", "true", "--steps", "400", "--prefill", "100", "--train_every", "5",
+            "--eval_every", "200", "--log_every", "100", "--checkpoint_every", "0",
+            "--rssm.deter", "16", "--rssm.hidden", "16", "--rssm.stoch", "4", "--rssm.discrete", "4",
+            "--dataset.batch", "4", "--dataset.length", "8", "--replay.maxlen", "8"]
+    timing = {"time", "fps", "updates_per_s", "ram_mb"}
+    logs = []
+    for name in ("first", "second"):
+        result = run([sys.executable, str(TRAIN_SCRIPT), *args, "--logdir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs.append([{k: v for k, v in row.items() if k not in timing} for row in read_metrics(tmp_path / name)])
+    assert any("model_loss" in row for row in logs[0]) and any("eval_return" in row for row in logs[0])
+    assert logs[0] == logs[1]
+
+
 def test_sigint_during_prefill_before_any_episode_saves_and_returns(tmp_path, capsys):
     import gymnasium
     import keras
