@@ -207,6 +207,18 @@ def device_name() -> str:
     return f"CPU: {model} x {cores} cores"
 
 
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one large float32 matmul on the default device: what this machine's TensorFlow reaches
+    on its best-case kernel, the practical ceiling for the update's achieved FLOP/s."""
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal((size, size), [0, 1])
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, a)))
+    matmul().numpy()  # trace and warm up
+    best = min(_timed(lambda: matmul().numpy(), repeats)) / 1000.0
+    return 2 * size**3 / best
+
+
 def peak_memory_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
@@ -276,6 +288,7 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
         policy_ms = _timed(policy_step, options["policy_steps"])
 
     median_s = statistics.median(train_ms) / 1000.0
+    matmul = matmul_flops_per_s()
     return {
         "config": list(names),
         "task": config.task,
@@ -299,6 +312,8 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
         "flops_per_update": flops["total"],
         "flops_parts": {k: v for k, v in flops.items() if k != "total"},
         "achieved_flops_per_s": round(flops["total"] / median_s),
+        "matmul_flops_per_s": round(matmul),
+        "fraction_of_matmul": round(flops["total"] / median_s / matmul, 3),
         "policy_flops_per_step": flopslib.policy_flops(config, obs_shapes, act_dim, discrete),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "device": device_name(),

@@ -60,6 +60,9 @@ def test_bench_prints_one_json_object_with_every_field():
     assert result["flops_parts"]["world_model"] + result["flops_parts"]["behavior"] == expected["total"]
     assert result["achieved_flops_per_s"] == pytest.approx(expected["total"] / median_s, rel=1e-3)
     assert result["policy_flops_per_step"] > 0
+    assert result["matmul_flops_per_s"] > 1e8
+    assert result["fraction_of_matmul"] == pytest.approx(
+        result["achieved_flops_per_s"] / result["matmul_flops_per_s"], abs=1e-3)
 
     assert result["peak_memory_mb"] > 50  # TensorFlow alone takes more than this
     assert result["device"].startswith(("CPU: ", "GPU: "))
