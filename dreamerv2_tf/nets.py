@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dreamerv2_tf import dists
+from dreamerv2_tf import convs, dists
 
 ACTIVATIONS = ("elu", "relu", "swish", "tanh", "none")
 NORMS = ("none", "layer")
@@ -296,7 +296,8 @@ class Encoder(_Composite):
         super().__init__(**kwargs)
         self.cnn_keys, self.mlp_keys = select_keys(shapes, cnn_keys, mlp_keys)
         self._act = activation(act)
-        self._convs = [keras.layers.Conv2D(2**i * cnn_depth, kernel, 2) for i, kernel in enumerate(cnn_kernels)]
+        # Same variables and results as keras.layers.Conv2D(depth, kernel, 2); faster input gradients on CPU.
+        self._convs = [convs.StridedConv(2**i * cnn_depth, kernel) for i, kernel in enumerate(cnn_kernels)]
         self._conv_norms = [norm_layer(norm) for _ in cnn_kernels]
         self._mlp = DenseStack(mlp_layers, act, norm)
 
@@ -337,6 +338,8 @@ class Decoder(_Composite):
         # TensorFlow's CPU kernel for that shape is over 10x slower than the matmul.
         self._first = (cnn_kernels[0], depths[0])
         self._grid = keras.layers.Dense(cnn_kernels[0] ** 2 * depths[0])
+        # TensorFlow's own transposed-conv kernels: sub-pixel (stride-1 conv + depth_to_space) rewrites of
+        # these layers measured no faster on CPU (see convs.py).
         self._deconvs = [
             keras.layers.Conv2DTranspose(depth, kernel, 2, dtype="float32" if i == len(depths) - 2 else None)
             for i, (depth, kernel) in enumerate(zip(depths[1:], cnn_kernels[1:], strict=True))]
