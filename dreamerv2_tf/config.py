@@ -284,6 +284,14 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
     return _apply(config, overrides or {}, types)
 
 
+def load_run(logdir: str | Path) -> Config:
+    """A run's saved config.yaml over the current defaults (keys added since the run keep their defaults)."""
+    path = Path(logdir).expanduser() / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.yaml in {logdir}; is it a training logdir?")
+    return build(["defaults"], Config.load(path).to_dict())
+
+
 def split_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     """`--key v1 v2 --flag` -> {'key': ['v1', 'v2'], 'flag': []}; `--key=v` also works."""
     flags: dict[str, list[str]] = {}

@@ -16,10 +16,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
              mode: str = "eval") -> dict[str, Any]:
     """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns."""
     logdir = Path(logdir).expanduser()
-    config_path = logdir / "config.yaml"
-    if not config_path.exists():
-        raise FileNotFoundError(f"no config.yaml in {logdir}; is it a training logdir?")
-    config = configlib.build(["defaults"], configlib.Config.load(config_path).to_dict())
+    config = configlib.load_run(logdir)
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
 
