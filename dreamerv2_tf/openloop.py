@@ -1,0 +1,413 @@
+"""Open-loop predictions of a trained world model, as a PNG strip, a video and error numbers.
+
+For each of `count` sequences of `length` steps sampled from a run's episodes,
+the world model observes the first `context` frames through the posterior;
+from its last posterior state the prior then imagines the remaining frames
+from the recorded actions alone (open loop), and the decoder renders them
+(paper section 2.1 and Figure 2). The per-step mean squared error of the
+imagined frames is compared with a naive baseline that repeats the last
+observed frame: a model that has learned the dynamics beats it, one that
+only learned the static background does not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dreamerv2_tf import config as configlib
+from dreamerv2_tf.replay import EpisodeError, load_episode
+
+VIDEO_SUFFIXES = (".gif", ".mp4")
+PNG_SCALE = 2  # frames in the strip: 64x64 becomes 128x128
+GAP = 4  # pixels between cells of the strip; the context boundary line is drawn in one of them
+SEQ_GAP = 12  # pixels between the row groups of two sequences
+MARGINS = {"left": 84, "right": 8, "top": 44, "bottom": 40}  # room for labels around the frames
+DPI = 100
+VIDEO_BORDER = 4  # coloured frame around each video panel: green while observed, red while imagined
+VIDEO_HEADER = 24
+CONTEXT_COLOR = (0, 160, 0)
+OPEN_LOOP_COLOR = (220, 0, 0)
+TRUTH_COLOR = (128, 128, 128)
+_LENGTH_RE = re.compile(r"-(\d+)\.npz$")  # replay file names end in -<length>.npz
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Frames [N, T, H, W, C] as uint8 and the sampled sources (episode file name, start index)."""
+
+    truth: np.ndarray
+    model: np.ndarray
+    context: int
+    sources: tuple[tuple[str, int], ...]
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+
+def episodes_dir(logdir: Path, config: configlib.Config) -> Path:
+    """The episodes the run trained on: its train_episodes/, or replay.directory for offline runs."""
+    if config.replay.directory:
+        return Path(config.replay.directory).expanduser()
+    return logdir / "train_episodes"
+
+
+def sample_sequences(directory: str | Path, count: int, length: int,
+                     seed: int) -> tuple[dict[str, np.ndarray], list[tuple[str, int]]]:
+    """`count` windows of `length` steps, each inside one episode; the same seed gives the same windows.
+
+    Episodes are drawn in proportion to their number of windows, so every window of the directory is
+    equally likely; only the chosen files are read, which keeps this fast on replays of millions of steps.
+    Returns (batch of arrays [count, length, ...] without log_ keys, [(file name, start), ...]).
+    """
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"episodes directory {directory} does not exist")
+    files = sorted(directory.glob("*.npz"), key=lambda path: path.name)
+    if not files:
+        raise FileNotFoundError(f"no .npz episodes in {directory}")
+    lengths = np.array([_file_length(path) for path in files])
+    windows = np.maximum(lengths - length + 1, 0)
+    if not windows.sum():
+        raise ValueError(f"no episode in {directory} has {length} steps (longest: {lengths.max()}); "
+                         "use a smaller --length")
+    rng = np.random.default_rng(seed)
+    eligible = int(np.count_nonzero(windows))
+    # Distinct episodes while there are enough of them, so the sequences show different situations.
+    picks = rng.choice(len(files), size=count, replace=count > eligible, p=windows / windows.sum())
+    batch: dict[str, list[np.ndarray]] = {}
+    sources = []
+    for index in picks:
+        path = files[int(index)]
+        episode = load_episode(path)
+        total = len(episode["reward"])
+        if total < length:  # the file name promised more steps than the file holds
+            raise EpisodeError(f"episode file {path} has {total} steps, its name says {lengths[index]}")
+        start = int(rng.integers(0, total - length + 1))
+        window = {key: value[start:start + length] for key, value in episode.items()
+                  if not key.startswith("log_")}
+        # A window may start mid-episode; the model then starts from its initial state, as in training.
+        window["is_first"] = window["is_first"].copy()
+        window["is_first"][0] = True
+        if batch and set(window) != set(batch):
+            raise EpisodeError(f"episode file {path} has keys {sorted(window)}, others {sorted(batch)}")
+        for key, value in window.items():
+            batch.setdefault(key, []).append(value)
+        sources.append((path.name, start))
+    return {key: np.stack(values) for key, values in batch.items()}, sources
+
+
+def _file_length(path: Path) -> int:
+    match = _LENGTH_RE.search(path.name)
+    if match:
+        return int(match.group(1))
+    try:  # not named by the replay: read it to learn its length
+        return len(load_episode(path)["reward"])
+    except EpisodeError:
+        return 0
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+
+
+def load_world_model(logdir: Path, config: configlib.Config,
+                     data: Mapping[str, np.ndarray]) -> tuple[Any, str]:
+    """The run's world model with the weights of its latest checkpoint; returns (model, checkpoint path).
+
+    Only the world model is built, with shapes read from `data` (a batch [N, T, ...]), so this needs
+    neither the environment nor the actor's action distribution.
+    """
+    import tensorflow as tf
+
+    from dreamerv2_tf.agent import model_obs_shapes, set_precision
+    from dreamerv2_tf.checkpoint import restore_weights
+    from dreamerv2_tf.world_model import WorldModel
+
+    # Predictions only: float32 on any device (the checkpointed variables are float32 in every precision).
+    set_precision("32")
+    obs_shapes = model_obs_shapes({key: value[0, 0] for key, value in data.items()})
+    wm = WorldModel(obs_shapes, int(data["action"].shape[-1]), config)
+    wm.build()
+    holder = tf.Module(name="agent")  # the checkpoint stores the world model under agent/wm/
+    holder.wm = wm
+    # NaN until restored: any variable the checkpoint does not hold shows up below instead of predicting
+    # from random initial weights.
+    for variable in wm.variables_to_train:
+        variable.assign(tf.fill(variable.shape, float("nan")))
+    try:
+        checkpoint = restore_weights(logdir / "checkpoints", holder)
+    except (ValueError, tf.errors.OpError) as exc:
+        # The half-restored checkpoint object would otherwise log every value it did not restore.
+        tf.get_logger().setLevel("ERROR")
+        raise ValueError(f"the checkpoint in {logdir / 'checkpoints'} does not fit the world model of the "
+                         f"run's config.yaml (written by another version of dreamerv2_tf?): {exc}") from None
+    missing = [v.name for v in wm.variables_to_train if np.isnan(v.numpy()).any()]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} holds no (finite) values for {len(missing)} world-model "
+                         f"variables, e.g. {missing[0]}; written by another version of dreamerv2_tf?")
+    return wm, checkpoint
+
+
+def predict(wm, data: Mapping[str, np.ndarray], key: str, context: int,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, model) frames [N, T, H, W, C] as uint8: reconstructions for the first `context` steps,
+    open-loop predictions after them (WorldModel.video_pred)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)  # the latent states are sampled
+    video = wm.video_pred(dict(data), key, context, count=len(data[key])).numpy()
+    height = data[key].shape[2]
+    model = video[:, :, height:2 * height]  # video_pred stacks truth, model and error along the height
+    return np.asarray(data[key], np.uint8), np.round(np.clip(model, 0, 1) * 255).astype(np.uint8)
+
+
+def errors(truth: np.ndarray, model: np.ndarray, context: int) -> dict[str, Any]:
+    """Mean squared errors (pixels in [0, 1]) of the model and of repeating the last observed frame."""
+    truth = truth.astype(np.float64) / 255
+    model = model.astype(np.float64) / 255
+    per_step = ((model - truth) ** 2).mean(axis=(0, 2, 3, 4))
+    copy = ((truth[:, context - 1:context] - truth[:, context:]) ** 2).mean(axis=(0, 2, 3, 4))
+    short = lambda x: float(f"{x:.6g}")  # noqa: E731 - keeps the JSON line readable
+    return {
+        "steps": list(range(context, truth.shape[1])),
+        "mse": [short(x) for x in per_step[context:]],
+        "mse_mean": short(per_step[context:].mean()),
+        "baseline_mse": [short(x) for x in copy],
+        "baseline_mse_mean": short(copy.mean()),
+        "recon_mse_mean": short(per_step[:context].mean()),
+    }
+
+
+# ---- pictures --------------------------------------------------------------------------------------------
+
+
+def _rgb(frames: np.ndarray, scale: int) -> np.ndarray:
+    """[..., H, W, C] uint8 with 1 or 3 channels -> [..., H*scale, W*scale, 3] (nearest neighbour)."""
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, -1)
+    elif frames.shape[-1] != 3:
+        frames = frames[..., :3] if frames.shape[-1] > 3 else np.repeat(frames[..., :1], 3, -1)
+    return np.repeat(np.repeat(frames, scale, -3), scale, -2)
+
+
+def _abs_error(truth: np.ndarray, model: np.ndarray) -> np.ndarray:
+    return np.abs(truth.astype(np.int16) - model.astype(np.int16)).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class StripLayout:
+    """Pixel geometry of the PNG strip: `rows` rows per sequence, one column every `every` frames."""
+
+    count: int
+    length: int
+    every: int
+    rows: int
+    frame: tuple[int, int]  # height, width of one observation
+    scale: int = PNG_SCALE
+
+    @property
+    def columns(self) -> list[int]:
+        return list(range(0, self.length, self.every))
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return self.frame[0] * self.scale, self.frame[1] * self.scale
+
+    @property
+    def content(self) -> tuple[int, int]:
+        """Height and width of the frame area (without margins)."""
+        height, width = self.cell
+        cols = len(self.columns)
+        group = self.rows * height + (self.rows - 1) * GAP
+        return self.count * group + (self.count - 1) * SEQ_GAP, cols * width + (cols - 1) * GAP
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Height and width of the whole PNG."""
+        height, width = self.content
+        return height + MARGINS["top"] + MARGINS["bottom"], width + MARGINS["left"] + MARGINS["right"]
+
+    def origin(self, sequence: int, row: int, column: int, margins: bool = True) -> tuple[int, int]:
+        """Top-left pixel (y, x) of a cell in the whole PNG (or, without margins, in the frame area)."""
+        height, width = self.cell
+        y = sequence * (self.rows * height + (self.rows - 1) * GAP + SEQ_GAP) + row * (height + GAP)
+        x = column * (width + GAP)
+        return (MARGINS["top"] + y, MARGINS["left"] + x) if margins else (y, x)
+
+
+def write_strip(path: str | Path, prediction: Prediction, every: int, error_row: bool = False,
+                title: str = "") -> StripLayout:
+    """PNG: per sequence rows truth, model (and |error|), a column every `every` frames, the
+    boundary between observed and imagined frames marked with a red line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    truth, model, context = prediction.truth, prediction.model, prediction.context
+    rows = 3 if error_row else 2
+    layout = StripLayout(len(truth), truth.shape[1], every, rows, truth.shape[2:4])
+    height, width = layout.size
+    content = np.full((*layout.content, 3), 255, np.uint8)
+    cell_h, cell_w = layout.cell
+    panels = [truth, model] + ([_abs_error(truth, model)] if error_row else [])
+    for seq in range(len(truth)):
+        for row, frames in enumerate(panels):
+            for col, t in enumerate(layout.columns):
+                y, x = layout.origin(seq, row, col, margins=False)
+                content[y:y + cell_h, x:x + cell_w] = _rgb(frames[seq, t], layout.scale)
+
+    # One figure pixel per image pixel: figimage pastes the frames unresampled (below the boundary line),
+    # and a transparent axes over the same area carries the labels in frame-area pixel coordinates.
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    fig.figimage(content, xo=MARGINS["left"], yo=MARGINS["bottom"], origin="upper", zorder=-1)
+    content_h, content_w = layout.content
+    ax = fig.add_axes((MARGINS["left"] / width, MARGINS["bottom"] / height,
+                       content_w / width, content_h / height))
+    ax.set_xlim(0, content_w)
+    ax.set_ylim(content_h, 0)
+    ax.set_facecolor("none")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    xticks = [layout.origin(0, 0, c, margins=False)[1] + cell_w / 2 for c in range(len(layout.columns))]
+    ax.set_xticks(xticks, [str(t) for t in layout.columns], fontsize=8)
+    names = ["truth", "model", "|error|"][:rows]
+    cells = [(s, r) for s in range(len(truth)) for r in range(rows)]
+    yticks = [layout.origin(s, r, 0, margins=False)[0] + cell_h / 2 for s, r in cells]
+    ax.set_yticks(yticks, [f"#{s + 1} {names[r]}" for s, r in cells], fontsize=8)
+    ax.tick_params(length=0, pad=4)  # tick marks would overlap the edge pixels of the frames
+    ax.set_xlabel("frame index", fontsize=9)
+    # Column 0 (frame 0) is always observed; the line goes into the gap before the first imagined column.
+    imagined = [c for c, t in enumerate(layout.columns) if t >= context]
+    label = dict(fontsize=8, va="bottom", clip_on=False)
+    ax.text(0, -4, "observed (context)", color="green", **label)
+    if imagined:
+        boundary = layout.origin(0, 0, imagined[0], margins=False)[1] - GAP / 2
+        ax.axvline(boundary, color="red", linewidth=1.5)
+        ax.text(boundary + GAP, -4, "imagined (open loop)", color="red", **label)
+    if title:
+        ax.set_title(title, fontsize=9, pad=16)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return layout
+
+
+def video_frames(prediction: Prediction, scale: int = 3) -> np.ndarray:
+    """[T, H, W, 3] uint8: one row per sequence with truth | model | |error|, a header with the step."""
+    import cv2
+
+    truth, model, context = prediction.truth, prediction.model, prediction.context
+    count, length = truth.shape[:2]
+    panel_h, panel_w = truth.shape[2] * scale + 2 * VIDEO_BORDER, truth.shape[3] * scale + 2 * VIDEO_BORDER
+    height, width = VIDEO_HEADER + count * panel_h, 3 * panel_w
+    height, width = height + height % 2, width + width % 2  # H.264 needs even sizes
+    panels = [_rgb(truth, scale), _rgb(model, scale), _rgb(_abs_error(truth, model), scale)]
+    frames = np.full((length, height, width, 3), 255, np.uint8)
+    b = VIDEO_BORDER
+    for t in range(length):
+        frame = frames[t]
+        color = CONTEXT_COLOR if t < context else OPEN_LOOP_COLOR
+        for col, (name, panel) in enumerate(zip(("truth", "model", "|error|"), panels, strict=True)):
+            x = col * panel_w
+            for seq in range(count):
+                y = VIDEO_HEADER + seq * panel_h
+                frame[y:y + panel_h, x:x + panel_w] = TRUTH_COLOR if col == 0 else color
+                frame[y + b:y + panel_h - b, x + b:x + panel_w - b] = panel[seq, t]
+            label = f"{name} t={t}" if col == 0 else name
+            cv2.putText(frame, label, (x + b, VIDEO_HEADER - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+        state = "observed" if t < context else "open loop"
+        size = cv2.getTextSize(state, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0]
+        cv2.putText(frame, state, (2 * panel_w - b - size, VIDEO_HEADER - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    color, 1, cv2.LINE_AA)
+    return frames
+
+
+# ---- the tool --------------------------------------------------------------------------------------------
+
+
+def openloop(logdir: str | Path, episodes: str | Path | None = None, context: int = 5, length: int = 50,
+             count: int = 4, seed: int = 0, key: str = "image", png: str | Path | None = None,
+             video: str | Path | None = None, every: int = 5, scale: int = 3,
+             error_row: bool = False) -> dict[str, Any]:
+    """Open-loop predictions of the run in `logdir`; writes the PNG strip and the video (default:
+    LOGDIR/openloop.png and LOGDIR/openloop.gif) and returns the error numbers and file paths."""
+    logdir = Path(logdir).expanduser()
+    if not logdir.is_dir():
+        raise FileNotFoundError(f"logdir {logdir} does not exist")
+    config = configlib.load_run(logdir)
+    # The index file the checkpoint manager writes with every save: checked to fail before TensorFlow loads.
+    if not (logdir / "checkpoints" / "checkpoint").is_file():
+        raise FileNotFoundError(f"no checkpoint in {logdir / 'checkpoints'}; train the run until it saves")
+    for name, value, low in (("--context", context, 1), ("--count", count, 1), ("--every", every, 1),
+                             ("--scale", scale, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if length <= context:
+        raise ValueError(f"--length ({length}) must exceed --context ({context}) to leave steps to predict")
+    png = Path(png) if png else logdir / "openloop.png"
+    video = Path(video) if video else logdir / "openloop.gif"
+    if png.suffix.lower() != ".png":
+        raise ValueError(f"--png must end in .png, got {png}")
+    if video.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--video must end in {' or '.join(VIDEO_SUFFIXES)}, got {video}")
+    directory = Path(episodes).expanduser() if episodes else episodes_dir(logdir, config)
+    data, sources = sample_sequences(directory, count, length, seed)
+    images = sorted(k for k, v in data.items() if v.ndim == 5)
+    if key not in images:
+        raise ValueError(f"--key '{key}' is not an image key of the episodes; "
+                         f"choices: {', '.join(images) or 'none'}")
+
+    # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
+    wm, checkpoint = load_world_model(logdir, config, data)
+    decoded = wm.heads["decoder"].cnn_keys
+    if key not in decoded:
+        raise ValueError(f"--key '{key}' is not an image key of the world model; choices: "
+                         f"{', '.join(decoded) or 'none (the decoder renders no images)'}")
+    truth, model = predict(wm, data, key, context, seed)
+    prediction = Prediction(truth, model, context, tuple(sources))
+    result: dict[str, Any] = {
+        "logdir": str(logdir), "checkpoint": checkpoint, "episodes": str(directory), "key": key,
+        "seed": seed, "count": count, "length": length, "context": context,
+        "sequences": [{"file": name, "start": start} for name, start in sources],
+        **errors(truth, model, context),
+    }
+    for path in (png, video):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_strip(png, prediction, every, error_row,
+                title=f"{key}: {context} observed frames, then imagined from the actions")
+    from dreamerv2_tf.evaluate import write_video
+
+    write_video(video, video_frames(prediction, scale), fps=8)
+    result.update(png=str(png), video=str(video))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = configlib.ArgumentParser(prog="openloop.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
+    parser.add_argument("--episodes", default=None,
+                        help="directory of .npz episodes (default: the run's train episodes)")
+    parser.add_argument("--context", type=int, default=5, help="observed frames before the open-loop part")
+    parser.add_argument("--length", type=int, default=50, help="steps per sequence, context included")
+    parser.add_argument("--count", type=int, default=4, help="number of sequences")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the sequences and the latent samples")
+    parser.add_argument("--key", default="image", help="image observation to predict")
+    parser.add_argument("--png", default=None, help="PNG strip (default: LOGDIR/openloop.png)")
+    parser.add_argument("--video", default=None, help=".gif or .mp4 (default: LOGDIR/openloop.gif)")
+    parser.add_argument("--every", type=int, default=5, help="PNG shows every n-th frame")
+    parser.add_argument("--scale", type=int, default=3, help="video upscaling factor")
+    parser.add_argument("--error_row", action="store_true", help="add an |error| row per sequence to the PNG")
+    args = parser.parse_args(argv)
+    try:
+        result = openloop(args.logdir, args.episodes, args.context, args.length, args.count, args.seed,
+                          args.key, args.png, args.video, args.every, args.scale, args.error_row)
+    except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
+        configlib.fail(str(exc))
+    print(json.dumps(result))
+    sys.exit(0)
