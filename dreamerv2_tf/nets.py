@@ -6,7 +6,6 @@ layers that output distribution parameters run in float32.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import keras
@@ -14,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from dreamerv2_tf import convs, dists
+from dreamerv2_tf.flops import select_keys  # TF-free, so the FLOP counter shares it
 
 ACTIVATIONS = ("elu", "relu", "swish", "tanh", "none")
 NORMS = ("none", "layer")
@@ -262,21 +262,6 @@ def _time_major(x: tf.Tensor) -> tf.Tensor:
 
 def _batch_major(state: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return {k: _time_major(v) for k, v in state.items()}
-
-
-def select_keys(shapes: Mapping[str, Sequence[int]], cnn_keys: str, mlp_keys: str):
-    """Split observation keys into image keys (rank 3) for the CNN and vector keys (rank 1) for the MLP."""
-    for name, pattern in (("cnn_keys", cnn_keys), ("mlp_keys", mlp_keys)):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{name}: invalid regex '{pattern}': {exc}") from None
-    cnn = [k for k, s in shapes.items() if len(s) == 3 and re.fullmatch(cnn_keys, k)]
-    mlp = [k for k, s in shapes.items() if len(s) == 1 and re.fullmatch(mlp_keys, k)]
-    if not cnn and not mlp:
-        raise ValueError(f"no observation key matches cnn_keys '{cnn_keys}' or mlp_keys '{mlp_keys}'; "
-                         f"observation keys: {', '.join(shapes) or 'none'}")
-    return cnn, mlp
 
 
 class _Composite(keras.layers.Layer):

@@ -341,3 +341,11 @@ def group_scores(scores: Iterable[Score]) -> dict[str, dict[int | str, dict[str,
 def seed_order(seed: int | str) -> tuple[int, Any]:
     """Sort key placing integer seeds first, numerically."""
     return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def split_label(text: str, default: str) -> tuple[str, Path]:
+    """'NAME=PATH' -> (NAME, PATH); a plain path (even one containing '=') keeps the default name."""
+    name, sep, rest = text.partition("=")
+    if sep and name and rest and not Path(text).expanduser().exists():
+        return name, Path(rest).expanduser()
+    return default, Path(text).expanduser()

@@ -73,20 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def split_label(text: str, default: str) -> tuple[str, Path]:
-    """'NAME=PATH' -> (NAME, PATH); a plain path (even one containing '=') keeps the default name."""
-    name, sep, rest = text.partition("=")
-    if sep and name and rest and not Path(text).expanduser().exists():
-        return name, Path(rest).expanduser()
-    return default, Path(text).expanduser()
-
-
 def load_curves(args: argparse.Namespace) -> dict[tuple[str, str], list[S.Curve]]:
     """(method, task) -> curves with at least one value of the metric."""
     groups: dict[tuple[str, str], list[S.Curve]] = {}
     empty, keys = [], set()
     for text in args.inputs:
-        name, path = split_label(text, args.name)
+        name, path = S.split_label(text, args.name)
         for logdir in S.find_logdirs(path):
             curve = S.read_curve(logdir, args.metric)
             keys |= curve.keys

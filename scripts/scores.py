@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np  # noqa: E402
@@ -52,18 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def split_label(text: str, default: str) -> tuple[str, Path]:
-    """'NAME=PATH' -> (NAME, PATH); a plain path (even one containing '=') keeps the default name."""
-    name, sep, rest = text.partition("=")
-    if sep and name and rest and not Path(text).expanduser().exists():
-        return name, Path(rest).expanduser()
-    return default, Path(text).expanduser()
-
-
 def collect(args: argparse.Namespace) -> tuple[list[S.Score], list[S.Curve], list[S.Curve]]:
     scores, empty, skipped = [], [], []
     for text in args.inputs:
-        name, path = split_label(text, args.name)
+        name, path = S.split_label(text, args.name)
         if path.is_file() and path.suffix.lower() == ".csv":
             scores += S.scores_from_csv(path, name)
         elif path.is_file():
