@@ -1,0 +1,93 @@
+"""Time the authors' DreamerV2 release on this machine, for comparison with scripts/bench.py.
+
+The release is the `dreamerv2` package on PyPI (2.2.0). Install it and the few modules it imports
+into a separate folder, without touching this project's environment, then run this script:
+
+    pip install --no-deps --target /tmp/dreamerv2_release dreamerv2==2.2.0 ruamel.yaml \\
+        ruamel.yaml.clib gym==0.26.2 gym-notices cloudpickle
+    python scripts/bench_reference.py --path /tmp/dreamerv2_release --steps 4
+
+It builds the release's agent with its `atari` config in float32 and graph mode (its `jit: True`,
+which is how it trains), feeds one synthetic batch of the configured shape, and prints one JSON
+line with the update times. The release needs Keras 2, so it runs on tf-keras (TF_USE_LEGACY_KERAS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import types
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", required=True, help="folder the release was installed into with --target")
+    parser.add_argument("--steps", type=int, default=4, help="timed updates after one warm-up update")
+    args = parser.parse_args()
+    package = pathlib.Path(args.path) / "dreamerv2"
+    if not (package / "agent.py").exists():
+        parser.error(f"no dreamerv2 package in {args.path}; install it there first (see --help)")
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path[:0] = [str(package), args.path]  # the release imports its modules as top-level names
+
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+
+    # The release imports `mixed_precision.experimental`, which newer Keras 2 releases dropped.
+    mixed = tf_keras.mixed_precision
+    if not hasattr(mixed, "experimental"):
+        shim = types.ModuleType("mixed_precision.experimental")
+        shim.global_policy, shim.set_policy, shim.Policy = mixed.global_policy, mixed.set_global_policy, mixed.Policy
+        mixed.experimental = shim
+        sys.modules["tensorflow.keras.mixed_precision.experimental"] = shim
+    import agent
+    import common
+    import gym
+    import ruamel.yaml
+
+    configs = ruamel.yaml.YAML(typ="safe").load((package / "configs.yaml").read_text())
+    config = common.Config(configs["defaults"]).update(configs["atari"]).update({"precision": 32, "jit": True})
+    tf.config.run_functions_eagerly(not config.jit)
+    batch, length = config.dataset.batch, config.dataset.length
+    flag = gym.spaces.Box(0, 1, (), bool)
+    obs_space = {"image": gym.spaces.Box(0, 255, (64, 64, 1), np.uint8),
+                 "reward": gym.spaces.Box(-np.inf, np.inf, (), np.float32),
+                 "is_first": flag, "is_last": flag, "is_terminal": flag}
+    action_space = gym.spaces.Box(0, 1, (18,), np.float32)
+    action_space.discrete = True  # one-hot Atari actions, as the release's env wrapper marks them
+    model = agent.Agent(config, obs_space, {"action": action_space}, common.Counter(0))
+
+    rng = np.random.default_rng(0)
+    is_first = np.zeros((batch, length), bool)
+    is_first[:, 0] = True
+    data = {"image": rng.integers(0, 255, (batch, length, 64, 64, 1), np.uint8),
+            "action": np.eye(18, dtype=np.float32)[rng.integers(0, 18, (batch, length))],
+            "reward": rng.normal(size=(batch, length)).astype(np.float32),
+            "is_first": is_first, "is_last": np.zeros_like(is_first), "is_terminal": np.zeros_like(is_first)}
+    data = {k: tf.constant(v) for k, v in data.items()}
+
+    def update() -> float:
+        start = time.perf_counter()
+        _, metrics = model.train(data)
+        for value in metrics.values():
+            value.numpy()
+        return time.perf_counter() - start
+
+    first = update()  # traces the graph
+    update()
+    times = [update() for _ in range(args.steps)]
+    print(json.dumps({"implementation": "dreamerv2 2.2.0 (authors' release)", "config": "atari", "precision": 32,
+                      "batch": batch, "length": length, "first_update_s": round(first, 1),
+                      "train_step_s": {"median": round(statistics.median(times), 3), "min": round(min(times), 3)},
+                      "tensorflow": tf.__version__, "load_avg_1min": round(os.getloadavg()[0], 2)}))
+
+
+if __name__ == "__main__":
+    main()
