@@ -13,7 +13,6 @@ only learned the static background does not.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.replay import EpisodeError, load_episode
+from dreamerv2_tf.replay import EpisodeError, filename_length, load_episode
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 PNG_SCALE = 2  # frames in the strip: 64x64 becomes 128x128
@@ -36,7 +35,6 @@ VIDEO_HEADER = 24
 CONTEXT_COLOR = (0, 160, 0)
 OPEN_LOOP_COLOR = (220, 0, 0)
 TRUTH_COLOR = (128, 128, 128)
-_LENGTH_RE = re.compile(r"-(\d+)\.npz$")  # replay file names end in -<length>.npz
 
 
 @dataclass(frozen=True)
@@ -105,9 +103,9 @@ def sample_sequences(directory: str | Path, count: int, length: int,
 
 
 def _file_length(path: Path) -> int:
-    match = _LENGTH_RE.search(path.name)
-    if match:
-        return int(match.group(1))
+    length = filename_length(path)
+    if length is not None:
+        return length
     try:  # not named by the replay: read it to learn its length
         return len(load_episode(path)["reward"])
     except EpisodeError:

@@ -83,6 +83,12 @@ def episode_filename(length: int) -> str:
     return f"{stamp}-{uuid.uuid4().hex}-{length}.npz"
 
 
+def filename_length(path: str | Path) -> int | None:
+    """The episode length a replay file name carries (see `episode_filename`); None for other names."""
+    _, sep, tail = Path(path).stem.rpartition("-")
+    return int(tail) if sep and tail.isdigit() else None
+
+
 def save_episode(directory: str | Path, episode: Mapping[str, np.ndarray]) -> Path:
     """Write one compressed .npz atomically: a temporary file in the same directory, then a rename."""
     directory = Path(directory)

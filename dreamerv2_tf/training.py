@@ -14,6 +14,7 @@ import numpy as np
 
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.logger import METRICS_FILE, Logger, Progress, read_metrics
+from dreamerv2_tf.replay import filename_length
 
 # Keys that may differ between the saved config of a logdir and a resumed run.
 # Changing any other key that shapes the networks or optimizers is refused.
@@ -340,13 +341,8 @@ def _resume_step(logdir: Path, replay_dir: Path | None, saved: int) -> int:
 
 def _episode_lengths(directory: Path) -> list[int]:
     """Episode lengths (agent steps) from file names `<time>-<id>-<length>.npz`."""
-    lengths = []
-    for path in directory.glob("*.npz"):
-        try:
-            lengths.append(int(path.stem.rsplit("-", 1)[-1]) - 1)
-        except ValueError:
-            continue
-    return lengths
+    lengths = (filename_length(path) for path in directory.glob("*.npz"))
+    return [length - 1 for length in lengths if length is not None]
 
 
 def _prefill(config, driver, policy, step: Counter, stop: Stop, replay) -> None:
@@ -368,8 +364,6 @@ def main(argv: list[str] | None = None) -> None:
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
         configlib.fail(str(exc))
     sys.exit(0)
-
-
 
 
 __all__ = ["train", "run", "main", "default_logdir", "check_resume"]

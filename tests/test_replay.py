@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from dreamerv2_tf.replay import Replay, load_episode, save_episode
+from dreamerv2_tf.replay import Replay, episode_filename, filename_length, load_episode, save_episode
 
 
 def make_episode(length, marker=0.0, image=True, actions=3):
@@ -253,3 +253,10 @@ def test_bad_arguments_and_episodes_raise_value_errors(tmp_path):
         replay.add_episode(make_episode(4, actions=5))
     assert len(list(tmp_path.glob("*.npz"))) == 1  # rejected episodes are not written
     assert load_episode(sorted(tmp_path.glob("*.npz"))[0])["reward"].shape == (4,)
+
+
+def test_filename_length_reads_the_length_the_replay_writes_into_names():
+    assert filename_length(episode_filename(137)) == 137
+    assert filename_length(f"dir/{episode_filename(1)}") == 1
+    for foreign in ("episode.npz", "run-final.npz", "20260101-abc-.npz", "run-1.5.npz"):
+        assert filename_length(foreign) is None, foreign
