@@ -37,8 +37,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dreamerv2_tf import config as configlib  # noqa: E402
-from dreamerv2_tf import flops as flopslib  # noqa: E402
+from dreamerv2_tf import config as configlib
+from dreamerv2_tf import flops as flopslib
 
 BENCH_DEFAULTS = {"steps": 10, "warmup": 2, "policy_steps": 50}
 BENCH_MINIMUM = {"steps": 1, "warmup": 0, "policy_steps": 0}

@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dreamerv2_tf.openloop import main  # noqa: E402
+from dreamerv2_tf.openloop import main
 
 if __name__ == "__main__":
     main()

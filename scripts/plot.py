@@ -16,17 +16,17 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
-from dreamerv2_tf import scores as S  # noqa: E402
-from dreamerv2_tf.config import ArgumentParser  # noqa: E402
+from dreamerv2_tf import scores as S
+from dreamerv2_tf.config import ArgumentParser
 
 DEFAULT_NAME = "dreamerv2_tf"
 FORMATS = (".png", ".pdf", ".svg")

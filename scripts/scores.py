@@ -14,10 +14,10 @@ import json
 import sys
 from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dreamerv2_tf import scores as S  # noqa: E402
-from dreamerv2_tf.config import ArgumentParser  # noqa: E402
+from dreamerv2_tf import scores as S
+from dreamerv2_tf.config import ArgumentParser
 
 DEFAULT_NAME = "dreamerv2_tf"
 NO_VALUE = "—"

@@ -23,8 +23,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dreamerv2_tf.config import ArgumentParser  # noqa: E402
-from dreamerv2_tf.scores import GAMES  # noqa: E402
+from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.scores import GAMES
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = "scripts/train.py"
