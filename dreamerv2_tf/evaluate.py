@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +12,36 @@ import numpy as np
 
 from dreamerv2_tf import config as configlib
 
+CUSTOM_PREFIX = "custom_"  # config.task of runs whose env came from train(env_fn)
+
 
 def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = None, seed: int | None = None,
-             mode: str = "eval") -> dict[str, Any]:
-    """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns."""
+             mode: str = "eval", env_fn: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns.
+
+    Runs trained with `dreamerv2_tf.train(env_fn)` need the same `env_fn` here.
+    """
     logdir = Path(logdir).expanduser()
     config = configlib.load_run(logdir)
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    custom = config.task.startswith(CUSTOM_PREFIX)
+    if custom and env_fn is None:
+        raise ValueError(f"{logdir} trained on an environment passed to dreamerv2_tf.train(env_fn); evaluate it "
+                         "in Python with dreamerv2_tf.evaluate.evaluate(logdir, env_fn=...)")
 
     # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
     from dreamerv2_tf.agent import Agent, set_precision
     from dreamerv2_tf.checkpoint import restore_weights
     from dreamerv2_tf.driver import Driver
     from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.training import env_kwargs
+    from dreamerv2_tf.training import env_kwargs, wrap_gym_env
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
-    env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config))
+    if env_fn is not None:
+        env = wrap_gym_env(env_fn(), config, seed, "eval")
+    else:
+        env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config, "eval"))
     agent = Agent(env.obs_space, env.act_space, config, precision)
     checkpoint = restore_weights(logdir / "checkpoints", agent)
     returns, lengths, frames = [], [], []

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dreamerv2_tf import config as configlib
+from dreamerv2_tf.evaluate import CUSTOM_PREFIX
 from dreamerv2_tf.logger import METRICS_FILE, Logger, Progress, read_metrics
 from dreamerv2_tf.replay import filename_length
 
@@ -100,8 +101,13 @@ class Every:
         return False
 
 
-def env_kwargs(config: configlib.Config) -> dict[str, Any]:
-    return dict(action_repeat=config.action_repeat, size=tuple(config.size), time_limit=config.time_limit,
+def time_limit(config: configlib.Config, mode: str) -> int:
+    """Agent steps per episode in `mode`: training episodes may be cut shorter than evaluation ones."""
+    return config.train_time_limit if mode == "train" and config.train_time_limit else config.time_limit
+
+
+def env_kwargs(config: configlib.Config, mode: str) -> dict[str, Any]:
+    return dict(action_repeat=config.action_repeat, size=tuple(config.size), time_limit=time_limit(config, mode),
                 atari=dict(config.atari), dmc=dict(config.dmc))
 
 
@@ -131,23 +137,30 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
     if env_fn is None:
         return run(config)
     first = env_fn()
+    spec = getattr(first, "spec", None)
+    name = f"gym_{spec.id}" if getattr(spec, "id", None) else "env"
+    # Record that `config.task` did not build the env, so scripts/eval.py refuses the run
+    # instead of evaluating whatever task the config happens to name.
+    config = config.update({"task": f"{CUSTOM_PREFIX}{name}"})
     if not config.logdir:
-        # Name the default logdir after the env, not after `config.task`, which it does not use.
-        spec = getattr(first, "spec", None)
-        name = f"gym_{spec.id}" if getattr(spec, "id", None) else "custom"
-        config = config.update({"logdir": str(Path("logdir") / name / f"seed{config.seed}")})
+        config = config.update({"logdir": str(Path("logdir") / config.task / f"seed{config.seed}")})
     pending = [first]
 
     def make(seed: int, mode: str) -> Any:
-        from dreamerv2_tf.envs.gym import GymEnv
-        from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
-
-        # The same wrappers as make_env applies to gym_<id> tasks.
-        env: Any = GymEnv(pending.pop() if pending else env_fn(), seed=seed, size=tuple(config.size))
-        env = ActionRepeat(env, config.action_repeat) if config.action_repeat > 1 else env
-        return TimeLimit(env, config.time_limit) if config.time_limit else env
+        return wrap_gym_env(pending.pop() if pending else env_fn(), config, seed, mode)
 
     return run(config, make)
+
+
+def wrap_gym_env(env: Any, config: configlib.Config, seed: int, mode: str) -> Any:
+    """A gymnasium env with the wrappers make_env applies to gym_<id> tasks."""
+    from dreamerv2_tf.envs.gym import GymEnv
+    from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
+
+    env = GymEnv(env, seed=seed, size=tuple(config.size))
+    env = ActionRepeat(env, config.action_repeat) if config.action_repeat > 1 else env
+    limit = time_limit(config, mode)
+    return TimeLimit(env, limit) if limit else env
 
 
 def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = None) -> Path:
@@ -200,11 +213,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
                           config.replay.prioritize_ends, seed=config.seed)
     eval_replay = Replay(logdir / "eval_episodes", capacity=max(1, config.eval_eps) * 10**5, seed=config.seed,
                          load=False)
-    kwargs = env_kwargs(config)
     if make_env is None:
         train_envs = make_envs(config.task, config.envs, config.envs_parallel, seed=config.seed, mode="train",
-                               **kwargs)
-        eval_env = make_task_env(config.task, seed=config.seed + 10**4, mode="eval", **kwargs)
+                               **env_kwargs(config, "train"))
+        eval_env = make_task_env(config.task, seed=config.seed + 10**4, mode="eval", **env_kwargs(config, "eval"))
     else:
         train_envs = [make_env(config.seed + i, "train") for i in range(config.envs)]
         eval_env = make_env(config.seed + 10**4, "eval")

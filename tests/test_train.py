@@ -343,6 +343,7 @@ def test_python_api_trains_a_gymnasium_env_in_process(tmp_path):
     import keras
 
     import dreamerv2_tf
+    from dreamerv2_tf.evaluate import evaluate
 
     calls = []
 
@@ -369,6 +370,17 @@ def test_python_api_trains_a_gymnasium_env_in_process(tmp_path):
     with np.load(sorted((logdir / "train_episodes").glob("*.npz"))[0]) as episode:
         assert episode["vector"].shape[1:] == (4,) and episode["action"].shape[1:] == (2,)
     assert checkpoint_number(logdir) == 300
+    # The recorded task says the env came from Python: eval.py refuses, evaluate(env_fn=...) works.
+    assert configlib.Config.load(logdir / "config.yaml").task == "custom_gym_CartPole-v1"
+    result = run([sys.executable, str(EVAL_SCRIPT), "--logdir", str(logdir), "--episodes", "1"], timeout=120)
+    assert result.returncode == 2 and "evaluate(logdir, env_fn=...)" in error_line(result)
+    try:
+        report = evaluate(logdir, episodes=2, env_fn=env_fn)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(calls) == 3 and report["task"] == "custom_gym_CartPole-v1"
+    assert report["lengths"] == [int(r) for r in report["returns"]]  # CartPole pays 1 per step
+    assert all(1 <= length <= 100 for length in report["lengths"])
 
 
 def test_deterministic_runs_with_the_same_seed_log_identical_metrics(tmp_path):
@@ -431,7 +443,8 @@ def test_train_api_builds_wrapped_gym_envs_and_names_the_logdir(monkeypatch):
     monkeypatch.setattr(trainlib, "run", lambda config, make: captured.update(config=config, make=make))
     trainlib.train(env_fn, {"action_repeat": 2, "time_limit": 7, "seed": 5})
     config, make = captured["config"], captured["make"]
-    assert Path(config.logdir) == Path("logdir") / "gym_CartPole-v1" / "seed5"
+    assert Path(config.logdir) == Path("logdir") / "custom_gym_CartPole-v1" / "seed5"
+    assert config.task == "custom_gym_CartPole-v1"
     env = make(5, "train")
     assert len(made) == 1 and env.env.env._env is made[0]  # the env built to name the logdir is reused
     assert isinstance(env, TimeLimit) and isinstance(env.env, ActionRepeat) and env.limit == 7
@@ -442,9 +455,21 @@ def test_train_api_builds_wrapped_gym_envs_and_names_the_logdir(monkeypatch):
         # Alternating pushes keep the pole up, so only the time limit ends the episode.
         obs = env.step({"action": np.eye(2, dtype=np.float32)[index % 2]})
     assert obs["is_last"] and not obs["is_terminal"]
-    make(6, "eval").close()
-    assert len(made) == 2
+    evaluation = make(6, "eval")
+    assert evaluation.limit == 7 and len(made) == 2
+    evaluation.close()
     env.close()
+
+
+def test_train_time_limit_cuts_training_episodes_only(monkeypatch):
+    import gymnasium
+
+    captured = {}
+    monkeypatch.setattr(trainlib, "run", lambda config, make: captured.update(make=make))
+    trainlib.train(lambda: gymnasium.make("CartPole-v1"), {"time_limit": 7, "train_time_limit": 3})
+    assert captured["make"](0, "train").limit == 3 and captured["make"](0, "eval").limit == 7
+    kwargs = trainlib.env_kwargs(configlib.build(["defaults"], {"time_limit": 7, "train_time_limit": 3}), "eval")
+    assert kwargs["time_limit"] == 7
 
 
 def test_gym_env_accepts_an_instance_but_no_make_kwargs_with_it():
