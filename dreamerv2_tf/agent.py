@@ -10,11 +10,12 @@ import tensorflow as tf
 
 from dreamerv2_tf import distribute
 from dreamerv2_tf.behavior import ActorCritic
+from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.world_model import WorldModel
 
-PRECISIONS = ("auto", "32", "16", "bf16")
+PRECISIONS = CHOICES["precision"]
 POLICY_MODES = ("train", "eval", "explore", "random")
-EXPL_BEHAVIORS = ("greedy", "random")
+EXPL_BEHAVIORS = CHOICES["expl_behavior"]
 # Keys of an episode that are not model inputs.
 NON_OBS_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "discount")
 

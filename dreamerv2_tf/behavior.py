@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping
 import tensorflow as tf
 
 from dreamerv2_tf import nets
+from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.optim import Optimizer
 
-ACTOR_GRADS = ("reinforce", "dynamics", "both", "auto")
+ACTOR_GRADS = CHOICES["actor_grad"]
 
 
 def lambda_return(reward: tf.Tensor, value: tf.Tensor, discount: tf.Tensor, bootstrap: tf.Tensor,

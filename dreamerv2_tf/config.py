@@ -23,6 +23,21 @@ CONFIGS_FILE = Path(__file__).resolve().parent.parent / "configs.yaml"
 SCHEDULABLE = ("actor_ent", "actor_grad_mix")
 SCHEDULE_RE = re.compile(r"^linear\(\s*[-+.\deE]+\s*,\s*[-+.\deE]+\s*,\s*[-+.\deE]+\s*\)$")
 
+# Allowed values of enumerated keys (a full-match pattern over dotted keys -> choices), checked when a
+# config is built so a typo fails at start-up; the modules that use these keys take their choices from here.
+CHOICES = {
+    "precision": ("auto", "32", "16", "bf16"),
+    "strategy": ("default", "mirrored", "multi_worker"),
+    "envs_parallel": ("none", "thread", "process"),
+    "clip_rewards": ("identity", "tanh", "sign"),
+    "actor_grad": ("reinforce", "dynamics", "both", "auto"),
+    "expl_behavior": ("greedy", "random"),
+    r".*\.act": ("elu", "relu", "swish", "tanh", "none"),
+    r".*\.norm": ("none", "layer"),
+    r"rssm\.std_act": ("softplus", "sigmoid", "sigmoid2"),
+    r"actor\.dist": ("auto", "onehot", "trunc_normal"),
+}
+
 # Flags handled by the loader itself, not config keys.
 META_FLAGS = ("configs", "print_config", "help")
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -281,7 +296,17 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
         if not isinstance(named[name] or {}, Mapping):
             raise ConfigError(f"named config '{name}' in {path} must map keys to values")
         config = _apply(config, named[name] or {}, types)
-    return _apply(config, overrides or {}, types)
+    config = _apply(config, overrides or {}, types)
+    check_choices(config)
+    return config
+
+
+def check_choices(config: Config) -> None:
+    """Refuse a value outside its key's CHOICES, naming the key and the valid values."""
+    for key, value in config.flat().items():
+        for pattern, choices in CHOICES.items():
+            if re.fullmatch(pattern, key) and value not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
 
 
 def load_run(logdir: str | Path) -> Config:

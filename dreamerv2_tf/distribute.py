@@ -68,7 +68,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
+from dreamerv2_tf.config import CHOICES
+
+STRATEGIES = CHOICES["strategy"]
 AGREE_MODES = ("all", "any", "chief")
 SEED_STRIDE = 100_000  # worker k runs with seed + k * SEED_STRIDE
 

@@ -13,10 +13,11 @@ import numpy as np
 import tensorflow as tf
 
 from dreamerv2_tf import convs, dists
+from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.flops import select_keys  # TF-free, so the FLOP counter shares it
 
-ACTIVATIONS = ("elu", "relu", "swish", "tanh", "none")
-NORMS = ("none", "layer")
+ACTIVATIONS = CHOICES[r".*\.act"]
+NORMS = CHOICES[r".*\.norm"]
 
 
 def _check(name: str, value: str, choices: Sequence[str]) -> str:
@@ -135,7 +136,7 @@ class RSSM(keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         self.stoch, self.deter, self.discrete = stoch, deter, discrete
-        self._std_act = _check("std_act", std_act, ("softplus", "sigmoid", "sigmoid2"))
+        self._std_act = _check("std_act", std_act, CHOICES[r"rssm\.std_act"])
         self._min_std = min_std
         stats = stoch * discrete if discrete else 2 * stoch
         self._img_in = DenseStack([hidden], act, norm)

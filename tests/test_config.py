@@ -322,6 +322,16 @@ def test_flag_errors():
         parse(["--task", "a", "b"])
 
 
+def test_enumerated_keys_are_checked_when_the_config_is_built():
+    for name in read_named_configs():
+        build(["defaults", name])  # every named config uses valid choices
+    assert build(["defaults"], {"actor_grad": "both"}).actor_grad == "both"
+    with pytest.raises(ConfigError, match="actor_grad must be one of reinforce, dynamics, both, auto, got 'dyn'"):
+        build(["defaults"], {"actor_grad": "dyn"})
+    with pytest.raises(ConfigError, match="rssm.act must be one of"):
+        build(["defaults"], {"rssm.act": "gelu"})
+
+
 def test_coerce_uses_the_default_type():
     assert coerce("steps", "5e7", 0) == 50_000_000 and type(coerce("steps", "5e7", 0)) is int
     assert coerce("lr", 1, 0.5) == 1.0 and type(coerce("lr", 1, 0.5)) is float
@@ -341,6 +351,8 @@ def test_coerce_uses_the_default_type():
     (["--discount", "linear(1,0,10)"], ["discount"]),
     ([r"--.*\.nrom", "layer"], [r".*\.nrom"]),
     (["atari"], ["atari"]),
+    (["--precision", "fp16"], ["precision must be one of auto, 32, 16, bf16", "fp16"]),
+    ([r"--.*\.norm", "batch"], ["norm must be one of none, layer", "batch"]),
 ])
 def test_cli_user_errors_exit_2_with_one_line(args, needles):
     assert_user_error(cli(*args), *needles)

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.envs.base import Env, action_size, zero_action
 from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
 
@@ -18,7 +19,7 @@ __all__ = ["Env", "make_env", "make_envs", "action_size", "zero_action", "PREFIX
 
 PREFIXES = ("atari", "dmc", "crafter", "gym")
 MODES = ("train", "eval")
-PARALLEL = ("none", "thread", "process")
+PARALLEL = CHOICES["envs_parallel"]
 ATARI_DEFAULTS = {"sticky": True, "all_actions": True, "noops": 0, "grayscale": True, "lives": False}
 DMC_DEFAULTS = {"camera": -1}
 
