@@ -31,7 +31,12 @@ class Checkpointer:
         """Restore `path` or the latest checkpoint; returns the path restored from, or None."""
         path = path or self.latest
         if path:
-            self._checkpoint.restore(path).assert_existing_objects_matched()
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            except AssertionError as exc:
+                first = str(exc).strip().splitlines()[0][:300]
+                raise ValueError(f"checkpoint {path} does not hold every variable of this agent (written by an "
+                                 f"older version or for another architecture): {first}") from None
         return path
 
 

@@ -50,8 +50,10 @@ class DenseStack(keras.layers.Layer):
     def __init__(self, units: Sequence[int], act: str = "elu", norm: str = "none", **kwargs):
         super().__init__(**kwargs)
         self._act = activation(act)
-        self._dense = [keras.layers.Dense(size) for size in units]
-        self._norms = [norm_layer(norm) for _ in units]
+        # Sublayers live in tuples, not lists: Keras 3 keeps lists in its own type, which TensorFlow
+        # checkpoints do not follow, so their variables would be left out of checkpoints.
+        self._dense = tuple(keras.layers.Dense(size) for size in units)
+        self._norms = tuple(norm_layer(norm) for _ in units)
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         for dense, norm in zip(self._dense, self._norms, strict=True):
@@ -283,8 +285,8 @@ class Encoder(_Composite):
         self.cnn_keys, self.mlp_keys = select_keys(shapes, cnn_keys, mlp_keys)
         self._act = activation(act)
         # Same variables and results as keras.layers.Conv2D(depth, kernel, 2); faster input gradients on CPU.
-        self._convs = [convs.StridedConv(2**i * cnn_depth, kernel) for i, kernel in enumerate(cnn_kernels)]
-        self._conv_norms = [norm_layer(norm) for _ in cnn_kernels]
+        self._convs = tuple(convs.StridedConv(2**i * cnn_depth, kernel) for i, kernel in enumerate(cnn_kernels))
+        self._conv_norms = tuple(norm_layer(norm) for _ in cnn_kernels)  # tuples: see DenseStack
         self._mlp = DenseStack(mlp_layers, act, norm)
 
     def call(self, data: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -326,12 +328,12 @@ class Decoder(_Composite):
         self._grid = keras.layers.Dense(cnn_kernels[0] ** 2 * depths[0])
         # TensorFlow's own transposed-conv kernels: sub-pixel (stride-1 conv + depth_to_space) rewrites of
         # these layers measured no faster on CPU (see convs.py).
-        self._deconvs = [
+        self._deconvs = tuple(
             keras.layers.Conv2DTranspose(depth, kernel, 2, dtype="float32" if i == len(depths) - 2 else None)
-            for i, (depth, kernel) in enumerate(zip(depths[1:], cnn_kernels[1:], strict=True))]
-        self._deconv_norms = [norm_layer(norm) for _ in depths[:-1]]
+            for i, (depth, kernel) in enumerate(zip(depths[1:], cnn_kernels[1:], strict=True)))
+        self._deconv_norms = tuple(norm_layer(norm) for _ in depths[:-1])  # tuples: see DenseStack
         self._mlp = DenseStack(mlp_layers, act, norm)
-        self._mlp_heads = {k: DistLayer(self._shapes[k], "mse") for k in self.mlp_keys}
+        self._mlp_heads = tuple(DistLayer(self._shapes[k], "mse") for k in self.mlp_keys)
 
     def call(self, features: tf.Tensor) -> dict:
         out = {}
@@ -342,7 +344,7 @@ class Decoder(_Composite):
                 out[key] = dists.unit_normal(part, 3)
         if self.mlp_keys:
             hidden = self._mlp(features)
-            out.update({k: head(hidden) for k, head in self._mlp_heads.items()})
+            out.update({k: head(hidden) for k, head in zip(self.mlp_keys, self._mlp_heads, strict=True)})
         return out
 
     def _cnn(self, x: tf.Tensor) -> tf.Tensor:
