@@ -154,13 +154,10 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
 
 def wrap_gym_env(env: Any, config: configlib.Config, seed: int, mode: str) -> Any:
     """A gymnasium env with the wrappers make_env applies to gym_<id> tasks."""
+    from dreamerv2_tf.envs import wrap
     from dreamerv2_tf.envs.gym import GymEnv
-    from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
 
-    env = GymEnv(env, seed=seed, size=tuple(config.size))
-    env = ActionRepeat(env, config.action_repeat) if config.action_repeat > 1 else env
-    limit = time_limit(config, mode)
-    return TimeLimit(env, limit) if limit else env
+    return wrap(GymEnv(env, seed=seed, size=tuple(config.size)), config.action_repeat, time_limit(config, mode))
 
 
 def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = None) -> Path:

@@ -15,7 +15,7 @@ from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.envs.base import Env, action_size, zero_action
 from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
 
-__all__ = ["Env", "make_env", "make_envs", "action_size", "zero_action", "PREFIXES", "MODES", "PARALLEL"]
+__all__ = ["Env", "make_env", "make_envs", "wrap", "action_size", "zero_action", "PREFIXES", "MODES", "PARALLEL"]
 
 PREFIXES = ("atari", "dmc", "crafter", "gym")
 MODES = ("train", "eval")
@@ -81,16 +81,19 @@ def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: in
     elif prefix == "crafter":
         from dreamerv2_tf.envs.crafter import Crafter
 
-        env = Crafter(rest, seed=seed, size=size)
-        env = ActionRepeat(env, action_repeat) if action_repeat > 1 else env
+        return wrap(Crafter(rest, seed=seed, size=size), action_repeat, time_limit)
     else:
         from dreamerv2_tf.envs.gym import GymEnv
 
-        env = GymEnv(rest, seed=seed, size=size)
-        env = ActionRepeat(env, action_repeat) if action_repeat > 1 else env
-    if time_limit:
-        env = TimeLimit(env, time_limit)
-    return env
+        return wrap(GymEnv(rest, seed=seed, size=size), action_repeat, time_limit)
+    # Atari and DMC repeat actions inside the env (Atari's max-pool needs the last two frames).
+    return wrap(env, 1, time_limit)
+
+
+def wrap(env: Env, action_repeat: int = 1, time_limit: int = 0) -> Env:
+    """The ActionRepeat and TimeLimit wrappers, each only where it does something."""
+    env = ActionRepeat(env, action_repeat) if action_repeat > 1 else env
+    return TimeLimit(env, time_limit) if time_limit else env
 
 
 def make_envs(task: str, count: int = 1, parallel: str = "none", seed: int = 0, **kwargs: Any) -> list[Env]:
