@@ -285,7 +285,10 @@ def test_unknown_dmc_task_lists_close_names():
 
 @pytest.mark.skipif(importlib.util.find_spec("crafter") is None, reason="crafter is not installed")
 def test_crafter_reward_noreward_and_achievements():
-    # Same seed and actions: the noreward task hides exactly the reward the reward task gives.
+    # The reward task shows the agent the true reward, the noreward task hides it, and both log it. Two
+    # Crafter instances are not compared step by step: with the same seed and actions they still diverge
+    # now and then (about 1 run in 12), since Crafter picks the creature to despawn from a set of objects,
+    # whose order depends on memory addresses.
     rewarded, quiet = make_env("crafter_reward", seed=1), make_env("crafter_noreward", seed=1)
     assert rewarded.act_space["action"] == spaces.Discrete(17)
     achievements = [key for key in rewarded.obs_space if key.startswith("log_achievement_")]
@@ -296,9 +299,10 @@ def test_crafter_reward_noreward_and_achievements():
     for obs in with_reward[:3]:
         check_obs(rewarded, obs)
     assert with_reward[0]["image"].shape == (64, 64, 3)
+    np.testing.assert_array_equal([obs["reward"] for obs in with_reward], [obs["log_reward"] for obs in with_reward])
     assert all(obs["reward"] == 0 for obs in without)
-    np.testing.assert_array_equal([obs["reward"] for obs in with_reward], [obs["log_reward"] for obs in without])
     assert any(obs["reward"] != 0 for obs in with_reward)  # an achievement unlocks within 80 random steps
+    assert any(obs["log_reward"] != 0 for obs in without)  # the hidden reward is still logged
     unlocked = sum(int(with_reward[-1][key]) for key in achievements)
     assert unlocked >= 1
 
