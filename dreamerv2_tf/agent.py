@@ -73,6 +73,7 @@ class Agent(tf.Module):
         self.obs_shapes = model_obs_shapes(obs_space)
         self.act_dim, self.discrete = action_spec(act_space)
         self.expl_behavior = config.expl_behavior
+        self.train_behavior = bool(config.train_behavior)
         self.expl_noise, self.eval_noise = config.expl_noise, config.eval_noise
         self.video_keys = tuple(k for k in config.log_keys_video if len(self.obs_shapes.get(k, ())) == 3)
         self.strategy = tf.distribute.get_strategy()  # the strategy whose scope the agent is built in
@@ -143,7 +144,7 @@ class Agent(tf.Module):
         return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
 
     def train(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """One update of world model, actor and critic on a batch [B, L, ...].
+        """One update of world model, actor and critic (unless train_behavior is off) on a batch [B, L, ...].
 
         Under a strategy, `data` is the global batch (split evenly across replicas) or already
         distributed (from `distribute.distribute_dataset`); metrics are means over replicas.
@@ -153,7 +154,8 @@ class Agent(tf.Module):
     def _train_step(self, data):
         _, outputs, metrics = self.wm.train(data)
         reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
-        metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
+        if self.train_behavior:
+            metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
         self.step.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 

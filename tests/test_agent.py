@@ -175,3 +175,16 @@ def test_checkpoint_holds_every_variable_of_the_agent(tmp_path):
     assert len(pairs) > 100 and len(target.ac.slow_critic.variables) == len(target.ac.critic.variables) > 4
     for before, after in pairs:
         np.testing.assert_array_equal(before.numpy(), after.numpy(), err_msg=after.path)
+
+
+def test_train_behavior_off_updates_the_world_model_only():
+    obs, act = obs_space(IMAGE), discrete_actions(3)
+    data = random_batch(obs, act, batch=2, length=5, seed=6)
+    agent = make_agent(obs, act, {**SMALL, "train_behavior": False}, seed=7)
+    values = lambda variables: [v.numpy().copy() for v in variables]  # noqa: E731
+    model, behavior = values(agent.wm.variables_to_train), values(agent.ac.variables)
+    metrics = agent.train(data)
+    assert "model_loss" in metrics and "actor_loss" not in metrics and "critic_loss" not in metrics
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(model, agent.wm.variables_to_train, strict=True))
+    for before, after in zip(behavior, agent.ac.variables, strict=True):
+        np.testing.assert_array_equal(before, after.numpy(), err_msg=after.name)
