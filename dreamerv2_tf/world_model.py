@@ -108,7 +108,9 @@ class WorldModel(tf.Module):
         if key in self.loss_scales:
             return self.loss_scales[key]
         decoder = self.heads["decoder"]
-        return self.loss_scales.get("proprio", 1.0) if key in decoder.mlp_keys else 1.0
+        if key in decoder.mlp_keys:
+            return self.loss_scales.get("proprio", 1.0)
+        return self.loss_scales.get("image", 1.0) if key in decoder.cnn_keys else 1.0
 
     def imagine(self, policy: Callable, start: Mapping[str, tf.Tensor], is_terminal: tf.Tensor | None,
                 horizon: int) -> dict[str, tf.Tensor]:

@@ -267,6 +267,21 @@ def test_vector_only_world_model():
     assert np.isfinite(loss.numpy()) and "vector_loss" in metrics and "image_loss" not in metrics
 
 
+def test_loss_scales_weigh_image_and_vector_terms():
+    # `image` scales every CNN-decoded key, `proprio` every MLP-decoded key; the model loss is the weighted sum.
+    shapes = {"image": IMAGE, "vector": (3,)}
+    data = random_batch(obs_space(IMAGE, vector=3), discrete_actions(2), length=4)
+    scales = {"loss_scales.image": 7.0, "loss_scales.proprio": 0.5, "loss_scales.kl": 0.3,
+              "loss_scales.reward": 2.0, "loss_scales.discount": 3.0}
+    wm = make_world_model(scales, shapes=shapes)
+    loss, _, _, m = wm.loss(data)
+    expected = (7.0 * m["image_loss"] + 0.5 * m["vector_loss"] + 0.3 * m["kl_loss"] + 2.0 * m["reward_loss"]
+                + 3.0 * m["discount_loss"])
+    np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-6)
+    unscaled, _, _, _ = make_world_model(shapes=shapes).loss(data)  # same seed, same weights
+    assert abs(float(unscaled) - float(loss)) > 1.0
+
+
 def test_invalid_world_model_settings_raise_one_line_errors():
     with pytest.raises(ValueError, match="clip_rewards must be one of identity, tanh, sign"):
         WorldModel({"image": IMAGE}, 2, tiny_config({"clip_rewards": "log"}))
