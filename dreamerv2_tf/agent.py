@@ -153,8 +153,8 @@ class Agent(tf.Module):
 
     def _train_step(self, data):
         _, outputs, metrics = self.wm.train(data)
-        reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
         if self.train_behavior:
+            reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
             metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
         self.step.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}

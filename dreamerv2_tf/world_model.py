@@ -105,12 +105,10 @@ class WorldModel(tf.Module):
         return model_loss, last_state, outputs, metrics
 
     def _scale(self, key: str) -> float:
-        if key in self.loss_scales:
-            return self.loss_scales[key]
+        # Decoded observations are weighed by their kind, the other terms by their own name.
         decoder = self.heads["decoder"]
-        if key in decoder.mlp_keys:
-            return self.loss_scales.get("proprio", 1.0)
-        return self.loss_scales.get("image", 1.0) if key in decoder.cnn_keys else 1.0
+        name = "image" if key in decoder.cnn_keys else "proprio" if key in decoder.mlp_keys else key
+        return self.loss_scales.get(name, 1.0)
 
     def imagine(self, policy: Callable, start: Mapping[str, tf.Tensor], is_terminal: tf.Tensor | None,
                 horizon: int) -> dict[str, tf.Tensor]:
