@@ -63,11 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-refs", action="store_true",
                         help="no paper reference lines (they are drawn on Atari panels for return metrics)")
     parser.add_argument("--title", default="", help="figure title")
+    parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="y-axis range of every panel (default: fitted to the data)")
     args = parser.parse_args(argv)
     if args.bins < 0:
         parser.error(f"--bins must be >= 0, got {args.bins}")
     if args.cols < 1:
         parser.error(f"--cols must be >= 1, got {args.cols}")
+    if args.ylim and not args.ylim[0] < args.ylim[1]:
+        parser.error(f"--ylim LOW must be below HIGH, got {args.ylim[0]:g} {args.ylim[1]:g}")
     if Path(args.out).suffix.lower() not in FORMATS:
         parser.error(f"--out must end in one of {', '.join(FORMATS)}, got '{args.out}'")
     return args
@@ -174,6 +178,8 @@ def make_figure(args: argparse.Namespace, groups: dict[tuple[str, str], list[S.C
             for key, _, color, style in REFERENCES:
                 ax.axhline(getattr(row, key), color=color, ls=style, lw=1)
             drew_refs = True
+        if args.ylim:
+            ax.set_ylim(*args.ylim)
         ax.set_title(S.game_name(task), fontsize=10)
         ax.xaxis.set_major_formatter(FuncFormatter(short_number))
         ax.yaxis.set_major_formatter(FuncFormatter(short_number))

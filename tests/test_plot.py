@@ -134,9 +134,20 @@ def test_named_inputs_become_separate_methods(runs):
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["a", "b"]
 
 
+def test_ylim_sets_the_range_of_every_panel(runs):
+    args = plot.parse_args([str(runs), "--ylim", "-5", "12.5"])
+    fig = plot.make_figure(args, plot.load_curves(args))
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2 and all(ax.get_ylim() == (-5.0, 12.5) for ax in panels)
+    default = plot.parse_args([str(runs)])
+    fig = plot.make_figure(default, plot.load_curves(default))
+    assert all(ax.get_ylim() != (-5.0, 12.5) for ax in fig.axes if ax.get_title())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--out", "x.jpg"], "--out must end in one of"),
     (["--bins", "-1"], "--bins must be >= 0"),
+    (["--ylim", "5", "1"], "--ylim LOW must be below HIGH, got 5 1"),
     (["--metric", "eval_retrun"], "metric 'eval_retrun' appears in no metrics.jsonl"),
     (["--tasks", "atari_breakout"], "--tasks: no runs of atari_breakout"),
 ])
