@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import tensorflow as tf
+
+from dreamerv2_tf.optim import Optimizer
 
 
 class Checkpointer:
@@ -40,8 +43,12 @@ class Checkpointer:
         return path
 
 
-def restore_weights(path: str | Path, agent) -> str:
-    """Load only the agent's weights from a checkpoint file prefix or a checkpoint directory."""
+def restore_weights(path: str | Path, agent: tf.Module) -> str:
+    """Load the agent's network weights from a checkpoint file prefix or a checkpoint directory.
+
+    Optimizer state (learning rates, Adam moments, loss scales) and update counters are left as
+    built from the new config, so a run started from saved weights trains with its own settings.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         latest = tf.train.latest_checkpoint(str(path)) or tf.train.latest_checkpoint(str(path / "checkpoints"))
@@ -50,5 +57,28 @@ def restore_weights(path: str | Path, agent) -> str:
         path = Path(latest)
     elif not Path(str(path) + ".index").exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
-    tf.train.Checkpoint(agent=agent).restore(str(path)).expect_partial()
+    try:
+        tf.train.Checkpoint(agent=_networks(agent)).restore(str(path)).expect_partial() \
+            .assert_existing_objects_matched()
+    except (AssertionError, ValueError) as exc:  # missing layers, or variables of other shapes
+        # The run ends with this error; TF's warnings about the half-done restore would bury it.
+        tf.get_logger().setLevel("ERROR")
+        first = str(exc).strip().splitlines()[0][:300]
+        raise ValueError(f"checkpoint {path} does not hold the weights of this agent "
+                         f"(written for another architecture?): {first}") from None
     return str(path)
+
+
+def _networks(module: tf.Module) -> tf.train.Checkpoint:
+    """A view of `module` under the same checkpoint names that holds its Keras layers only.
+
+    Optimizers and bare variables (counters) are left out, so restoring through it skips them.
+    """
+    children = {}
+    for name, value in vars(module).items():
+        if isinstance(value, keras.layers.Layer) or (
+                isinstance(value, dict) and value and all(isinstance(v, keras.layers.Layer) for v in value.values())):
+            children[name] = value
+        elif isinstance(value, tf.Module) and not isinstance(value, Optimizer):
+            children[name] = _networks(value)
+    return tf.train.Checkpoint(**children)

@@ -282,15 +282,27 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
     source = pong_run[0]
     logdir = tmp_path / "fresh"
     # Steps equal to prefill and no pretraining: no update runs, so the final checkpoint holds what was loaded.
-    result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0"))
+    result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0",
+                           "--model_opt.lr", "3e-4"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "initialised weights from" in result.stdout and "resumed from" not in result.stdout
     loaded = checkpoint_values(tf.train.latest_checkpoint(str(logdir / "checkpoints")))
     saved = checkpoint_values(tf.train.latest_checkpoint(str(source / "checkpoints")))
     agent_keys = [key for key in saved if key.startswith("agent/")]
     assert len(agent_keys) > 50 and set(agent_keys) == {key for key in loaded if key.startswith("agent/")}
-    for key in agent_keys:
+    # Network weights are copied; optimizer state and update counters start afresh from the new config.
+    fresh = [key for key in agent_keys if "_opt/" in key or "/opt/" in key or key.startswith(
+        ("agent/step/", "agent/ac/updates/"))]
+    weights = [key for key in agent_keys if key not in fresh]
+    assert len(weights) > 20 and any(key.startswith("agent/wm/rssm/") for key in weights)
+    for key in weights:
         np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+    lr = "agent/wm/opt/opt/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"
+    iterations = "agent/wm/opt/opt/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+    assert float(saved[lr]) != 3e-4 and np.isclose(float(loaded[lr]), 3e-4)
+    assert int(saved[iterations]) > 0 and int(loaded[iterations]) == 0
+    assert int(saved["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) > 0
+    assert int(loaded["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 0
     assert int(loaded["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 100  # the agent step starts afresh
 
 
@@ -569,3 +581,12 @@ def test_atari_config_builds_and_completes_one_update(tmp_path):
 
     values = checkpoint_values(tf.train.latest_checkpoint(str(logdir / "checkpoints")))
     assert int(values["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 1
+
+
+def test_from_checkpoint_of_another_architecture_exits_2(pong_run, tmp_path):
+    result = run(train_cmd(tmp_path / "run", "--from_checkpoint", str(pong_run[0]), "--rssm.deter", "24"),
+                 timeout=120)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "does not hold the weights of this agent" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
