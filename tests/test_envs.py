@@ -67,40 +67,80 @@ def test_atari_options_rgb_minimal_actions():
         env.close()
 
 
-def test_atari_sticky_actions_repeat_previous_frame_action():
-    env = make_env("atari_pong", seed=3, action_repeat=4)
-    env.frame_log = []
-    rng = np.random.default_rng(0)
-    env.reset()
-    repeated = changed = 0
-    previous = env.frame_log[-1] if env.frame_log else 0
-    for _ in range(2000):
-        chosen = int(rng.integers(18))
-        start = len(env.frame_log)
-        obs = env.step({"action": np.eye(18)[chosen]})
-        for executed in env.frame_log[start:]:
-            if chosen != previous:  # only frames where stickiness is observable
-                changed += 1
-                repeated += executed == previous
-                assert executed in (chosen, previous)
-            previous = executed
+def atari_images(seed, steps=150, action_seed=0, **atari):
+    """Pong frames under a fixed random action sequence (resetting at episode ends)."""
+    env = make_env("atari_pong", seed=seed, action_repeat=4, atari=atari)
+    actions = np.random.default_rng(action_seed).integers(18, size=steps)
+    frames = [env.reset()["image"]]
+    for action in actions:
+        obs = env.step({"action": np.eye(18)[action]})
+        frames.append(obs["image"])
         if obs["is_last"]:
-            env.reset()
-            previous = 0
+            frames.append(env.reset()["image"])
     env.close()
-    rate = repeated / changed
-    assert changed > 2000
-    assert abs(rate - STICKY_PROB) < 0.04, rate
+    return np.stack(frames)
 
 
-def test_atari_no_sticky_executes_chosen_actions():
-    env = make_env("atari_pong", action_repeat=4, atari={"sticky": False})
-    env.frame_log = []
+def test_atari_sticky_option_sets_ale_stickiness():
+    for sticky, prob in [(True, STICKY_PROB), (False, 0.0)]:
+        env = make_env("atari_pong", atari={"sticky": sticky})
+        assert env.ale.getFloat("repeat_action_probability") == pytest.approx(prob)
+        env.close()
+    assert STICKY_PROB == 0.25  # Machado et al. (2018), the paper's protocol
+
+
+def test_atari_sticky_actions_change_what_the_actions_do():
+    sticky = atari_images(3, sticky=True)
+    plain = atari_images(3, sticky=False)
+    assert sticky.shape == plain.shape
+    assert not np.array_equal(sticky, plain)  # some chosen actions were delayed by a frame
+    np.testing.assert_array_equal(sticky, atari_images(3, sticky=True))  # same seed, same game
+    assert not np.array_equal(sticky, atari_images(4, sticky=True))  # the stickiness follows the seed
+
+
+def test_atari_no_sticky_is_deterministic_given_actions():
+    # Without sticky actions and no-ops, the seed does not matter: the actions decide everything.
+    np.testing.assert_array_equal(atari_images(1, sticky=False), atari_images(2, sticky=False))
+    assert not np.array_equal(atari_images(1, sticky=False), atari_images(1, action_seed=1, sticky=False))
+
+
+def test_atari_all_actions_vs_minimal_set():
+    full = make_env("atari_pong", atari={"all_actions": True})
+    minimal = make_env("atari_pong", atari={"all_actions": False})
+    try:
+        assert full.act_space["action"] == spaces.Discrete(18)
+        assert len(set(full.action_meanings)) == 18 and full.action_meanings[0] == "NOOP"
+        assert minimal.action_meanings == ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+        # Index 2 is UP in the full set but RIGHT in Pong's minimal set: the sets really differ.
+        assert full.action_meanings[2] == "UP"
+    finally:
+        full.close()
+        minimal.close()
+
+
+def test_atari_noops_at_reset_vary_with_seed_and_stay_within_bound():
+    counts = {}
+    for seed in range(4):
+        env = make_env("atari_pong", seed=seed, action_repeat=4, time_limit=3,
+                       atari={"noops": 30, "sticky": False})
+        counts[seed] = []
+        for _ in range(4):  # the first game and three more after time-limit cuts
+            env.reset()
+            counts[seed].append(env.ale.getEpisodeFrameNumber())  # frames played since the game began
+            for _ in range(3):
+                env.step({"action": np.eye(18)[0]})
+        env.close()
+    values = [count for seed_counts in counts.values() for count in seed_counts]
+    assert all(1 <= count <= 30 for count in values), counts
+    assert len(set(values)) > 4  # random, not a fixed number of no-ops
+    assert len({tuple(seed_counts) for seed_counts in counts.values()}) == len(counts)  # per seed
+    env = make_env("atari_pong", seed=0, action_repeat=4, atari={"noops": 30, "sticky": False})
     env.reset()
-    for chosen in [1, 5, 7, 2]:
-        start = len(env.frame_log)
-        env.step({"action": np.eye(18)[chosen]})
-        assert env.frame_log[start:] == [chosen] * 4
+    assert env.ale.getEpisodeFrameNumber() == counts[0][0]  # the same seed gives the same no-ops
+    env.close()
+    env = make_env("atari_pong", seed=0, action_repeat=4, atari={"noops": 0, "sticky": False})
+    env.reset()
+    assert env.ale.getEpisodeFrameNumber() == 0
     env.close()
 
 
@@ -135,6 +175,7 @@ def test_atari_time_limit_truncates_without_terminal():
 def test_atari_game_over_is_terminal():
     env = make_env("atari_breakout", action_repeat=4)  # random play loses all lives in ~200 steps
     observations = run_random(env, 3000, stop_at_end=True)
+    assert env.ale.game_over()
     env.close()
     ends = [index for index, obs in enumerate(observations) if obs["is_last"]]
     assert ends, "random Breakout play should end the game"
@@ -148,35 +189,25 @@ def test_atari_lives_option_ends_episode_per_life():
     episodes = 0
     policy = random_policy(env.act_space, 1, 1)
     env.reset()
-    while not env._ale.game_over():
+    while not env.ale.game_over():
         obs = env.step({"action": policy({"is_first": np.zeros(1)}, None)[0]["action"][0]})
         if obs["is_last"]:
             assert obs["is_terminal"]
             episodes += 1
-            if not env._ale.game_over():
+            if not env.ale.game_over():
                 assert env.reset()["is_first"]
     env.close()
     assert episodes == 5  # Breakout has five lives
 
 
-def test_atari_noops_advance_emulator_at_reset():
-    env = make_env("atari_pong", action_repeat=4, atari={"noops": 30, "sticky": False})
-    env.frame_log = []
-    env.reset()
-    assert 1 <= len(env.frame_log) <= 30 and set(env.frame_log) == {0}
-    env.close()
-
-
 def test_atari_same_seed_same_data_different_seed_differs():
     runs = []
     for seed in (5, 5, 6):
-        env = make_env("atari_pong", seed=seed, action_repeat=4)
-        env.frame_log = []
-        run_random(env, 150, seed=0)
-        runs.append(env.frame_log)
+        env = make_env("atari_pong", seed=seed, action_repeat=4, time_limit=50)
+        runs.append(np.stack([obs["image"] for obs in run_random(env, 150, seed=0)]))
         env.close()
-    assert runs[0] == runs[1]
-    assert runs[0] != runs[2]  # sticky decisions come from the env seed
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])  # sticky decisions come from the env seed
 
 
 def test_unknown_atari_game_lists_close_names():

@@ -1,11 +1,12 @@
-"""Atari through ale-py with the evaluation protocol of the paper (section 3, Machado et al. 2018).
+"""Atari through gymnasium's AtariPreprocessing on ALE v5, with the paper's protocol (section 3).
 
-ALE itself runs one emulator frame per call with its own sticky actions off; the
-protocol is implemented here so that every random choice comes from one seeded
-generator: sticky actions per emulator frame, action repeat with a max over the
-last two frames, grayscale, area resize, optional no-ops at reset. Time limits
-are applied outside (wrappers.TimeLimit), so a game over is always a real
-termination.
+A thin layer: ALE runs one emulator frame per call (frameskip=1) and applies its own
+sticky actions; gymnasium's AtariPreprocessing does the action repeat, the max over
+the last two frames, grayscale, the area resize and the random no-ops at reset. What
+is added here is the episode rule and the env protocol of `envs.base`: every reset
+starts a new game, except that with `lives` an episode ended by a lost life (game
+not over) continues the same game. Time limits are applied outside
+(wrappers.TimeLimit, in agent steps), so a game over is always a real termination.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ GAMES = {
     "yars_revenge": "YarsRevenge", "zaxxon": "Zaxxon",
 }
 
-STICKY_PROB = 0.25  # Machado et al. (2018): repeat the previous emulator action with this probability.
-NOOP = 0  # Index of NOOP in both the full and the minimal ALE action sets.
+STICKY_PROB = 0.25  # Machado et al. (2018): ALE repeats the previous frame's action with this probability.
 
 
 def _register() -> None:
@@ -85,12 +85,19 @@ def ale_name(game: str) -> str:
 
 
 class Atari:
-    """One Atari game; obs 'image' uint8 (H, W, 1) grayscale or (H, W, 3), one-hot discrete actions."""
+    """One Atari game; obs 'image' uint8 (H, W, 1) grayscale or (H, W, 3), one-hot discrete actions.
+
+    `action_repeat` emulator frames per step (max over the last two), `sticky` turns on ALE's
+    sticky actions, `all_actions` selects the 18 legal actions instead of the game's minimal
+    set, `noops` is the most random no-op frames at the start of each game, and `lives` ends
+    an episode (as terminal) at every lost life.
+    """
 
     def __init__(self, game: str, *, seed: int = 0, action_repeat: int = 4,
                  size: tuple[int, int] = (64, 64), sticky: bool = True, all_actions: bool = True,
-                 noops: int = 0, grayscale: bool = True, lives: bool = False):
+                 noops: int = 0, grayscale: bool = True, lives: bool = False) -> None:
         import gymnasium
+        from gymnasium.wrappers import AtariPreprocessing
 
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be at least 1, got {action_repeat}")
@@ -98,94 +105,64 @@ class Atari:
             raise ValueError(f"atari.noops must be zero or positive, got {noops}")
         name = ale_name(game)
         _register()
-        # frameskip=1 and no ALE stickiness: both are done below, per emulator frame.
-        # max_num_frames_per_episode=0 removes the registered 108k-frame cutoff so that a game
-        # over is never a truncation; the agent-step time limit is a separate wrapper.
-        env = gymnasium.make(f"ALE/{name}-v5", frameskip=1, repeat_action_probability=0.0,
-                             full_action_space=all_actions, max_num_frames_per_episode=0)
-        self._gym_env = env
-        self._ale_env = env.unwrapped
-        self._ale_env.reset(seed=int(seed))  # seeds the emulator's own randomness and loads the ROM
-        self._ale = self._ale_env.ale
-        self._actions = (self._ale.getLegalActionSet() if all_actions
-                         else self._ale.getMinimalActionSet())
-        self._rng = np.random.default_rng(seed)
-        self._repeat = int(action_repeat)
-        self._size = (int(size[0]), int(size[1]))
-        self._sticky = bool(sticky)
-        self._noops = int(noops)
+        height, width = int(size[0]), int(size[1])
+        # max_num_frames_per_episode=0 removes the registered 108k-frame cutoff, so a game over
+        # is never a truncation; the agent-step time limit is a separate wrapper. The inner
+        # observation type only saves a copy per frame: the wrapper reads the ALE screen itself.
+        inner = gymnasium.make(
+            f"ALE/{name}-v5", obs_type="grayscale" if grayscale else "rgb", frameskip=1,
+            repeat_action_probability=STICKY_PROB if sticky else 0.0,
+            full_action_space=bool(all_actions), max_num_frames_per_episode=0,
+            disable_env_checker=True)
+        self._env = AtariPreprocessing(
+            inner, noop_max=int(noops), frame_skip=int(action_repeat), screen_size=(width, height),
+            terminal_on_life_loss=bool(lives), grayscale_obs=bool(grayscale), grayscale_newaxis=True)
         self._grayscale = bool(grayscale)
-        self._lives_signal = bool(lives)
-        height, width = self._ale.getScreenDims()
-        shape = (height, width) if grayscale else (height, width, 3)
-        self._buffers = [np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)]
-        self._last_action = NOOP  # the emulator action executed on the previous frame
-        self._lives = 0
-        self._needs_game_reset = True
-        self.obs_space = {"image": base.image_space(self._size, 1 if grayscale else 3), **base.flag_spaces()}
-        self.act_space = base.discrete_act_space(len(self._actions))
-        self.frame_log: list[int] | None = None  # when a list, executed emulator actions are appended
+        self._lives = bool(lives)
+        self._seed: int | None = int(seed)  # used by the first reset only; later ones continue its RNG
+        self._continue_game = False  # the last episode ended by a lost life, the game is not over
+        self.obs_space = {"image": base.image_space((height, width), 1 if grayscale else 3),
+                          **base.flag_spaces()}
+        self.act_space = base.discrete_act_space(self._env.action_space.n)
 
     @property
     def action_meanings(self) -> list[str]:
-        return [str(action).split(".")[-1] for action in self._actions]
+        return list(self._env.unwrapped.get_action_meanings())
+
+    @property
+    def ale(self) -> Any:
+        """The emulator (lives, frame numbers, screens), for inspection."""
+        return self._env.unwrapped.ale
 
     def reset(self) -> dict[str, np.ndarray]:
-        # With the life-loss signal on, an episode ends at each lost life but the game continues.
-        if self._needs_game_reset or self._ale.game_over(with_truncation=False):
-            self._ale.reset_game()
-            self._last_action = NOOP
-            for _ in range(int(self._rng.integers(1, self._noops + 1)) if self._noops else 0):
-                self._frame(NOOP)
-                if self._ale.game_over(with_truncation=False):
-                    self._ale.reset_game()
-            self._needs_game_reset = False
-        self._lives = self._ale.lives()
-        self._screen(self._buffers[0])
-        return {"image": self._image([self._buffers[0]]), **base.flags(first=True)}
+        if self._continue_game:
+            self._continue_game = False
+            image = self._current_frame()
+        else:
+            # A new game with its no-ops, whatever ended the last episode (game over, time
+            # limit, or a driver reset in the middle of an episode).
+            seed, self._seed = self._seed, None
+            image, _ = self._env.reset(seed=seed)
+        return {"image": image, **base.flags(first=True)}
 
     def step(self, action: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        index = base.discrete_index(action, len(self._actions))
-        reward = 0.0
-        captured = []
-        over = False
-        for frame in range(self._repeat):
-            reward += self._frame(index)
-            over = self._ale.game_over(with_truncation=False)
-            # Keep the last two frames of the repeat for the max-pool (Atari sprites flicker).
-            if frame >= self._repeat - 2 or over:
-                buffer = self._buffers[len(captured) % 2]
-                self._screen(buffer)
-                captured.append(buffer)
-            if over:
-                break
-        lives = self._ale.lives()
-        life_lost = self._lives_signal and lives < self._lives
-        self._lives = lives
-        if over:
-            self._needs_game_reset = True
-        terminal = over or life_lost
-        image = self._image(captured[-2:])
-        return {"image": image, **base.flags(reward, last=terminal, terminal=terminal)}
+        index = base.discrete_index(action, int(self.act_space["action"].n))
+        image, reward, terminated, truncated, _ = self._env.step(index)
+        # With `lives`, `terminated` also marks a lost life; the game then goes on at reset.
+        self._continue_game = bool(self._lives and terminated
+                                   and not self.ale.game_over(with_truncation=False))
+        last = bool(terminated or truncated)  # ALE never truncates here: its frame cap is off
+        return {"image": image, **base.flags(float(reward), last=last, terminal=bool(terminated))}
 
     def close(self) -> None:
-        self._gym_env.close()
+        self._env.close()
 
-    def _frame(self, index: int) -> float:
-        """Advance one emulator frame, repeating the previous action with the sticky probability."""
-        if self._sticky and self._rng.random() < STICKY_PROB:
-            index = self._last_action
-        self._last_action = index
-        if self.frame_log is not None:
-            self.frame_log.append(index)
-        return float(self._ale.act(self._actions[index]))
-
-    def _screen(self, buffer: np.ndarray) -> None:
+    def _current_frame(self) -> np.ndarray:
+        """The current screen as the wrapper's reset presents it, without starting a new game."""
+        wrapper = self._env
         if self._grayscale:
-            self._ale.getScreenGrayscale(buffer)
+            self.ale.getScreenGrayscale(wrapper.obs_buffer[0])
         else:
-            self._ale.getScreenRGB(buffer)
-
-    def _image(self, frames: list[np.ndarray]) -> np.ndarray:
-        image = frames[0] if len(frames) == 1 else np.maximum(frames[0], frames[1])
-        return base.resize_image(image, self._size)
+            self.ale.getScreenRGB(wrapper.obs_buffer[0])
+        wrapper.obs_buffer[1].fill(0)  # nothing to pool with: a single frame, as after reset
+        return wrapper._get_obs()
