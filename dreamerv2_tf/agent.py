@@ -75,12 +75,17 @@ class Agent(tf.Module):
         self.expl_behavior = config.expl_behavior
         self.train_behavior = bool(config.train_behavior)
         self.expl_noise, self.eval_noise = config.expl_noise, config.eval_noise
+        self.eval_state_mean = bool(config.eval_state_mean)
         self.video_keys = tuple(k for k in config.log_keys_video if len(self.obs_shapes.get(k, ())) == 3)
         self.strategy = tf.distribute.get_strategy()  # the strategy whose scope the agent is built in
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_updates",
                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # The agent-step counter that schedules follow; the training loop sets it before each update.
+        self.env_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="env_step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.wm = WorldModel(self.obs_shapes, self.act_dim, config, mixed16)
-        self.ac = ActorCritic(self.wm.rssm.feat_size, self.act_dim, self.discrete, config, mixed16)
+        self.ac = ActorCritic(self.wm.rssm.feat_size, self.act_dim, self.discrete, config, mixed16,
+                              env_step=self.env_step)
         self.wm.build()
         self.ac.build()
         self._train = distribute.replicated(self._train_step, self.strategy, jit=bool(config.jit))
@@ -114,7 +119,7 @@ class Agent(tf.Module):
     def _policy_step(self, obs, state, mode: str):
         latent, action = state
         embed = self.wm.encoder(self.wm.preprocess(obs))
-        sample = mode != "eval"
+        sample = mode != "eval" or not self.eval_state_mean
         latent, _ = self.wm.rssm.obs_step(latent, action, embed, obs["is_first"], sample)
         feat = self.wm.rssm.get_feat(latent)
         dist = self.ac.actor(feat)
@@ -143,12 +148,16 @@ class Agent(tf.Module):
             return tf.where(pick[:, None], random, action)
         return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
 
-    def train(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def train(self, data: Mapping[str, tf.Tensor], env_step: int | None = None) -> dict[str, tf.Tensor]:
         """One update of world model, actor and critic (unless train_behavior is off) on a batch [B, L, ...].
+
+        `env_step`, the number of agent steps so far, sets the clock of the schedules.
 
         Under a strategy, `data` is the global batch (split evenly across replicas) or already
         distributed (from `distribute.distribute_dataset`); metrics are means over replicas.
         """
+        if env_step is not None:
+            self.env_step.assign(int(env_step))
         return self._train(distribute.split_batch(self.strategy, dict(data)))
 
     def _train_step(self, data):

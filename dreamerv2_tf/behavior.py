@@ -33,7 +33,7 @@ _LINEAR = re.compile(r"linear\(([^,]+),([^,]+),([^,]+)\)")
 
 
 def schedule(value: float | str, step: tf.Tensor) -> tf.Tensor:
-    """A constant, or `linear(start,end,steps)` interpolated over update steps."""
+    """A constant, or `linear(start,end,steps)` interpolated over `step` (the agent step)."""
     if isinstance(value, str):
         match = _LINEAR.fullmatch(value.replace(" ", ""))
         if not match:
@@ -45,9 +45,14 @@ def schedule(value: float | str, step: tf.Tensor) -> tf.Tensor:
 
 
 class ActorCritic(tf.Module):
-    """Actor and critic MLPs over model features, a slow target critic and their optimizers."""
+    """Actor and critic MLPs over model features, a slow target critic and their optimizers.
 
-    def __init__(self, feat_size: int, act_dim: int, discrete: bool, config, mixed_float16: bool = False):
+    `env_step` is the agent-step counter that schedules (`actor_ent`, `actor_grad_mix`) follow;
+    without it they follow this module's update count.
+    """
+
+    def __init__(self, feat_size: int, act_dim: int, discrete: bool, config, mixed_float16: bool = False,
+                 env_step: tf.Variable | None = None):
         super().__init__(name="actor_critic")
         if config.actor_grad not in ACTOR_GRADS:
             raise ValueError(f"actor_grad must be one of {', '.join(ACTOR_GRADS)}, got '{config.actor_grad}'")
@@ -72,6 +77,7 @@ class ActorCritic(tf.Module):
         self.critic_opt = Optimizer("critic", **config.critic_opt, mixed_float16=mixed_float16)
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ac_updates",
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._env_step = env_step
 
     def build(self) -> None:
         feat = tf.zeros([1, self.feat_size])
@@ -86,7 +92,6 @@ class ActorCritic(tf.Module):
 
     def train(self, world_model, start: Mapping[str, tf.Tensor], is_terminal: tf.Tensor,
               reward_fn: Callable[[dict], tf.Tensor]) -> dict[str, tf.Tensor]:
-        self._update_slow_critic()
         with tf.GradientTape() as actor_tape:
             seq = world_model.imagine(self.actor, start, is_terminal, self.horizon)
             reward = tf.cast(reward_fn(seq), tf.float32)
@@ -98,6 +103,7 @@ class ActorCritic(tf.Module):
         metrics.update(self.actor_opt.minimize(actor_tape, actor_loss, self.actor.trainable_variables))
         metrics.update(self.critic_opt.minimize(critic_tape, critic_loss, self.critic.trainable_variables))
         metrics["reward_mean"] = tf.reduce_mean(reward)
+        self._update_slow_critic()
         self.updates.assign_add(1)
         return metrics
 
@@ -110,7 +116,7 @@ class ActorCritic(tf.Module):
     def actor_loss(self, seq: Mapping[str, tf.Tensor], target: tf.Tensor):
         # The action at index t+1 was taken in state t; the return that follows it is target[t+1].
         policy = self.actor(tf.stop_gradient(seq["feat"][:-2]))
-        step = self.updates
+        step = self.updates if self._env_step is None else self._env_step
         if self.actor_grad == "dynamics":
             objective = target[1:]
         else:
@@ -120,9 +126,9 @@ class ActorCritic(tf.Module):
             reinforce = policy.log_prob(tf.stop_gradient(seq["action"][1:-1])) * advantage
             if self.actor_grad == "reinforce":
                 objective = reinforce
-            else:
+            else:  # the release's convention: mix weighs dynamics backprop (mix = 1 - rho of the paper)
                 mix = schedule(self.actor_grad_mix, step)
-                objective = mix * reinforce + (1 - mix) * target[1:]
+                objective = mix * target[1:] + (1 - mix) * reinforce
         entropy = policy.entropy()
         ent_scale = schedule(self.actor_ent, step)
         objective += ent_scale * entropy
@@ -137,11 +143,16 @@ class ActorCritic(tf.Module):
         return -tf.reduce_mean(dist.log_prob(tf.stop_gradient(target)) * weight[:-1])
 
     def _update_slow_critic(self) -> None:
+        """After updates 1, 1 + n, 1 + 2n, ... (n = slow_target_update) the slow critic moves to the critic.
+
+        The first move is a full copy; later ones mix in `slow_target_fraction`.
+        """
         if self.slow_critic is self.critic:
             return
         # Under tf.distribute each replica updates its own copy from critic weights that are identical
         # on every replica (they change only by reduced gradients), so the copies stay equal.
         due = tf.equal(self.updates % self.slow_update, 0)
-        mix = tf.where(due, tf.constant(self.slow_fraction, tf.float32), 0.0)
+        fraction = tf.where(tf.equal(self.updates, 0), 1.0, tf.constant(self.slow_fraction, tf.float32))
+        mix = tf.where(due, fraction, 0.0)
         for slow, fast in zip(self.slow_critic.variables, self.critic.variables, strict=True):
             slow.assign(mix * fast + (1 - mix) * slow)

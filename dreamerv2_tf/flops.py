@@ -160,10 +160,9 @@ def decoder(cfg: Mapping[str, Any], obs_shapes: Mapping[str, Sequence[int]], fea
         size, in_ch = 1, 32 * depth
         for i, (out_ch, kernel) in enumerate(zip(depths, kernels, strict=True)):
             norm = cfg["norm"] == "layer" and i < len(depths) - 1
-            # On its 1x1 input the first transposed conv is a Dense layer onto a k x k grid, and nets.Decoder
-            # implements it as one: same FLOPs, but a bias per grid cell.
-            bias = kernel * kernel * out_ch if i == 0 else out_ch
-            params = kernel * kernel * in_ch * out_ch + bias + (2 * out_ch if norm else 0)
+            # On its 1x1 input the first transposed conv is a Dense layer onto a k x k grid plus a bias per
+            # channel, which is how nets.Decoder implements it: same FLOPs and parameters.
+            params = kernel * kernel * in_ch * out_ch + out_ch + (2 * out_ch if norm else 0)
             costs.append(Cost(conv2d_transpose_flops((size, size), in_ch, out_ch, kernel), params))
             size, in_ch = conv2d_transpose_out_size(size, kernel, 2), out_ch
         image = tuple(obs_shapes[cnn[0]][:2])
@@ -191,7 +190,7 @@ def rssm(cfg: Mapping[str, Any], act_dim: int, embed: int) -> tuple[Cost, Cost, 
     stats = stoch * discrete if discrete else 2 * stoch
     img_step = total([
         dense(stoch_size + act_dim, hidden, norm=norm),
-        dense(hidden + deter, 3 * deter, bias=norm == "none", norm=norm),  # GRU gates in one matmul
+        dense(hidden + deter, 3 * deter, norm="layer" if cfg["gru_norm"] else "none"),  # GRU gates, one matmul
         dense(deter, hidden, norm=norm),
         dense(hidden, stats),
     ])

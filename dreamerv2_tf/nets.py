@@ -106,19 +106,23 @@ class MLP(keras.layers.Layer):
 
 
 class GRUCell(keras.layers.Layer):
-    """GRU with optional layer norm over the gates; the update gate starts biased towards keeping the state."""
+    """GRU whose gates come from one dense layer (with bias), optionally layer-normalized in float32.
 
-    def __init__(self, size: int, norm: str = "none", update_bias: float = -1.0, **kwargs):
+    The update gate starts biased towards keeping the state. The layer norm over the gate
+    pre-activations is computed in float32 also under mixed precision.
+    """
+
+    def __init__(self, size: int, norm: bool = True, update_bias: float = -1.0, **kwargs):
         super().__init__(**kwargs)
         self.size = size
         self._update_bias = update_bias
-        self._layer = keras.layers.Dense(3 * size, use_bias=norm == "none")
-        self._norm = norm_layer(norm)
+        self._layer = keras.layers.Dense(3 * size)
+        self._norm = keras.layers.LayerNormalization(epsilon=1e-3, dtype="float32") if norm else None
 
     def call(self, inputs: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
         parts = self._layer(tf.concat([inputs, state], -1))
         if self._norm is not None:
-            parts = self._norm(parts)
+            parts = tf.cast(self._norm(tf.cast(parts, tf.float32)), parts.dtype)
         reset, cand, update = tf.split(parts, 3, -1)
         reset = tf.nn.sigmoid(reset)
         cand = tf.tanh(reset * cand)
@@ -130,19 +134,20 @@ class RSSM(keras.layers.Layer):
     """Recurrent state-space model with categorical (or Gaussian) stochastic latents.
 
     A state is a dict: `deter` [B, deter], `stoch` [B, stoch, discrete] (one-hot) or
-    [B, stoch] (Gaussian), and the float32 statistics `logit` or `mean`/`std`.
+    [B, stoch] (Gaussian), and the float32 statistics `logit` or `mean`/`std`. `norm` applies
+    to the dense layers around the GRU; `gru_norm` layer-normalizes the GRU's gates.
     """
 
     def __init__(self, stoch: int = 32, deter: int = 1024, hidden: int = 1024, discrete: int = 32,
-                 act: str = "elu", norm: str = "none", std_act: str = "sigmoid2", min_std: float = 0.1,
-                 **kwargs):
+                 act: str = "elu", norm: str = "none", gru_norm: bool = True, std_act: str = "sigmoid2",
+                 min_std: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.stoch, self.deter, self.discrete = stoch, deter, discrete
         self._std_act = _check("std_act", std_act, CHOICES[r"rssm\.std_act"])
         self._min_std = min_std
         stats = stoch * discrete if discrete else 2 * stoch
         self._img_in = DenseStack([hidden], act, norm)
-        self._cell = GRUCell(deter, norm)
+        self._cell = GRUCell(deter, bool(gru_norm))
         self._img_out = DenseStack([hidden], act, norm)
         self._img_stats = keras.layers.Dense(stats, dtype="float32")
         self._obs_out = DenseStack([hidden], act, norm)
@@ -235,9 +240,9 @@ class RSSM(keras.layers.Layer):
             return tf.maximum(tf.reduce_mean(value), free) if free_avg else tf.reduce_mean(
                 tf.maximum(value, free))
 
-        if balance == 0.5:
+        if balance == 0.5:  # as in the release, free nats apply per step here whatever free_avg says
             value = kld(lhs, rhs)
-            return floor(value), value
+            return tf.reduce_mean(tf.maximum(value, free)), value
         value = kld(lhs, sg(rhs))
         loss = mix * floor(value) + (1 - mix) * floor(kld(sg(lhs), rhs))
         return loss, value
@@ -265,6 +270,16 @@ def _time_major(x: tf.Tensor) -> tf.Tensor:
 
 def _batch_major(state: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return {k: _time_major(v) for k, v in state.items()}
+
+
+class ChannelBias(keras.layers.Layer):
+    """Adds one learned bias per channel (last axis), as a convolution's bias does."""
+
+    def build(self, input_shape) -> None:
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return x + tf.cast(self.bias, x.dtype)
 
 
 class _Composite(keras.layers.Layer):
@@ -322,10 +337,11 @@ class Decoder(_Composite):
         channels = sum(self._shapes[k][-1] for k in self.cnn_keys) or 1  # unused without image keys
         depths = [2 ** (len(cnn_kernels) - i - 2) * cnn_depth for i in range(len(cnn_kernels) - 1)] + [channels]
         self._project = keras.layers.Dense(32 * cnn_depth)
-        # The first transposed conv sees a 1x1 input, where it equals a dense layer onto a k x k grid;
-        # TensorFlow's CPU kernel for that shape is over 10x slower than the matmul.
+        # The first transposed conv sees a 1x1 input, where it equals a dense layer onto a k x k grid
+        # plus one bias per channel; TensorFlow's CPU kernel for that shape is over 10x slower than the matmul.
         self._first = (cnn_kernels[0], depths[0])
-        self._grid = keras.layers.Dense(cnn_kernels[0] ** 2 * depths[0])
+        self._grid = keras.layers.Dense(cnn_kernels[0] ** 2 * depths[0], use_bias=False)
+        self._grid_bias = ChannelBias()
         # TensorFlow's own transposed-conv kernels: sub-pixel (stride-1 conv + depth_to_space) rewrites of
         # these layers measured no faster on CPU (see convs.py).
         self._deconvs = tuple(
@@ -349,7 +365,7 @@ class Decoder(_Composite):
 
     def _cnn(self, x: tf.Tensor) -> tf.Tensor:
         kernel, depth = self._first
-        x = tf.reshape(self._grid(self._project(x)), [-1, kernel, kernel, depth])
+        x = self._grid_bias(tf.reshape(self._grid(self._project(x)), [-1, kernel, kernel, depth]))
         for i, deconv in enumerate([None, *self._deconvs]):
             if deconv is not None:
                 x = deconv(x)

@@ -1,4 +1,9 @@
-"""Adam with global-norm clipping, decoupled weight decay and mixed-precision loss scaling."""
+"""Adam with global-norm clipping, decoupled weight decay and mixed-precision loss scaling.
+
+Weight decay multiplies every variable by (1 - wd) at each update, before the Adam step, as the
+authors' release does. Keras 3 scales its `weight_decay` by the learning rate (var -= var * wd * lr),
+so the optimizer is given wd / lr, which makes that product wd.
+"""
 
 from __future__ import annotations
 
@@ -37,8 +42,10 @@ class Optimizer(tf.Module):
     def __init__(self, name: str, lr: float, eps: float = 1e-5, clip: float = 100.0, wd: float = 0.0,
                  mixed_float16: bool = False):
         super().__init__(name=name)
+        if not lr > 0:
+            raise ValueError(f"{name}_opt.lr must be positive, got {lr}")
         inner = _ReducedAdam(
-            learning_rate=lr, epsilon=eps, weight_decay=wd or None,
+            learning_rate=lr, epsilon=eps, weight_decay=(wd / lr) if wd else None,
             global_clipnorm=clip or None, name=f"{name}_adam")
         self._scaled = mixed_float16
         self.opt = keras.mixed_precision.LossScaleOptimizer(inner) if mixed_float16 else inner

@@ -53,8 +53,19 @@ def test_policy_carries_state_and_resets_on_is_first(discrete_agent):
     np.testing.assert_array_equal(state[1].numpy(), action["action"])
 
 
-def test_eval_policy_is_deterministic_and_train_policy_samples(discrete_agent):
+def test_eval_policy_samples_latents_as_the_release_does(discrete_agent):
     agent, data = discrete_agent
+    obs = {k: np.repeat(v, 20, 0) for k, v in first_step(data, 0).items()}
+    _, state = agent.policy(obs, None, "eval")
+    (_, first), (_, second) = agent.policy(obs, state, "eval"), agent.policy(obs, state, "eval")
+    np.testing.assert_allclose(latent_of(first)["logit"], latent_of(second)["logit"], rtol=1e-6)
+    # 20 x 4 categorical draws from near-uniform posteriors: some differ between the two calls.
+    assert not np.array_equal(latent_of(first)["stoch"], latent_of(second)["stoch"])
+
+
+def test_eval_policy_with_eval_state_mean_is_deterministic_and_train_policy_samples(discrete_agent):
+    _, data = discrete_agent
+    agent = make_agent(obs_space(IMAGE), discrete_actions(3), {**SMALL, "eval_state_mean": True})
     obs = {k: np.repeat(v, 20, 0) for k, v in first_step(data, 0).items()}
     _, state = agent.policy(obs, None, "eval")
     first, state1 = agent.policy(obs, state, "eval")

@@ -104,6 +104,37 @@ def test_actor_gradient_paths(world_model, actor_grad):
     assert has_gradient(tape.gradient(loss, ac.actor.trainable_variables))
 
 
+def test_actor_grad_mix_weighs_dynamics_backprop_as_the_release_does(world_model):
+    wm, post, is_terminal = world_model
+    ac = make_actor_critic(wm, {"actor_ent": 0.0})
+    seq = wm.imagine(ac.actor, post, is_terminal, ac.horizon)
+    target, _ = ac.target(seq, reward_fn(wm)(seq))
+    losses = {}
+    for actor_grad, mix in [("dynamics", 0.0), ("reinforce", 0.0), ("both", 1.0), ("both", 0.0), ("both", 0.25)]:
+        ac.actor_grad, ac.actor_grad_mix = actor_grad, mix
+        losses[actor_grad, mix] = float(ac.actor_loss(seq, target)[0])
+    dynamics, reinforce = losses["dynamics", 0.0], losses["reinforce", 0.0]
+    assert abs(dynamics - reinforce) > 1e-3
+    np.testing.assert_allclose(losses["both", 1.0], dynamics, rtol=1e-5)  # mix 1: pure dynamics
+    np.testing.assert_allclose(losses["both", 0.0], reinforce, rtol=1e-5)  # mix 0: pure Reinforce
+    np.testing.assert_allclose(losses["both", 0.25], 0.25 * dynamics + 0.75 * reinforce, rtol=1e-5)
+
+
+def test_schedules_follow_the_agent_step_not_the_update_count(world_model):
+    wm, post, is_terminal = world_model
+    env_step = tf.Variable(0, dtype=tf.int64)
+    keras.utils.set_random_seed(0)
+    ac = ActorCritic(wm.rssm.feat_size, 2, True, tiny_config({**SMALL, "actor_ent": "linear(1.0,0.0,1000)"}),
+                     env_step=env_step)
+    ac.build()
+    scales = []
+    for step in (0, 250, 2000):
+        env_step.assign(step)
+        scales.append(float(ac.train(wm, post, is_terminal, reward_fn(wm))["actor_ent_scale"]))
+    np.testing.assert_allclose(scales, [1.0, 0.75, 0.0], atol=1e-6)
+    assert int(ac.updates.numpy()) == 3
+
+
 def test_continuous_actor_learns_by_backpropagating_through_the_dynamics(world_model):
     wm, post, is_terminal = world_model
     keras.utils.set_random_seed(1)
@@ -153,8 +184,8 @@ def test_slow_critic_follows_the_critic_every_slow_target_update_updates(world_m
     for call in range(1, 8):
         assert not same(critic[call], critic[call - 1])  # the critic learns on every call
         if (call - 1) % 3 == 0:
-            # Updates 0, 3, 6: the slow critic copies the critic as it was before this call's update.
-            assert same(slow[call], critic[call - 1]), call
+            # Updates 1, 4, 7 (as in the release): after its step the slow critic copies the critic.
+            assert same(slow[call], critic[call]), call
         else:
             assert same(slow[call], slow[call - 1]), call
     assert not same(slow[4], slow[3]) and not same(slow[7], slow[6])
@@ -163,11 +194,12 @@ def test_slow_critic_follows_the_critic_every_slow_target_update_updates(world_m
 def test_slow_target_fraction_mixes_instead_of_copying(world_model):
     wm, post, is_terminal = world_model
     ac = make_actor_critic(wm, {"slow_target_update": 2, "slow_target_fraction": 0.25, "critic_opt.lr": 1e-2})
+    ac.train(wm, post, is_terminal, reward_fn(wm))  # the first update copies (fraction 1)
+    np.testing.assert_array_equal(ac.slow_critic.variables[0].numpy(), ac.critic.variables[0].numpy())
     ac.train(wm, post, is_terminal, reward_fn(wm))
-    ac.train(wm, post, is_terminal, reward_fn(wm))
-    critic = [v.numpy() for v in ac.critic.variables]
     slow = [v.numpy() for v in ac.slow_critic.variables]
-    ac.train(wm, post, is_terminal, reward_fn(wm))
+    ac.train(wm, post, is_terminal, reward_fn(wm))  # the third mixes in a quarter of the critic after its step
+    critic = [v.numpy() for v in ac.critic.variables]
     for old, fast, new in zip(slow, critic, ac.slow_critic.variables, strict=True):
         np.testing.assert_allclose(new.numpy(), 0.25 * fast + 0.75 * old, rtol=1e-5, atol=1e-7)
 
@@ -182,7 +214,8 @@ def zero_critic(ac: ActorCritic) -> None:
 @pytest.mark.parametrize("actor_ent", [0.0, 1.0])
 def test_entropy_bonus_raises_policy_entropy(world_model, actor_ent):
     wm, post, is_terminal = world_model
-    ac = make_actor_critic(wm, {"actor_grad": "reinforce", "actor_ent": actor_ent, "actor_opt.lr": 1e-2})
+    ac = make_actor_critic(wm, {"actor_grad": "reinforce", "actor_ent": actor_ent, "actor_opt.lr": 1e-2,
+                                "actor_opt.wd": 0.0})
     zero_critic(ac)
     bias = ac.actor._head._out.bias
     bias.assign([6.0, 0.0])  # start from a nearly deterministic policy

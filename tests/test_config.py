@@ -122,7 +122,7 @@ def test_atari_paper_follows_table_d1():
         "replay.capacity": 2_000_000, "dataset.batch": 50, "dataset.length": 50, "rssm.stoch": 32,
         "rssm.discrete": 32, "rssm.deter": 600, "loss_scales.kl": 0.1, "kl.balance": 0.8,
         "model_opt.lr": 2e-4, "clip_rewards": "tanh", "imag_horizon": 15, "discount": 0.995,
-        "discount_lambda": 0.95, "actor_grad": "reinforce", "actor_grad_mix": 1.0, "actor_ent": 1e-3,
+        "discount_lambda": 0.95, "actor_grad": "reinforce", "actor_grad_mix": 0.0, "actor_ent": 1e-3,
         "actor_opt.lr": 4e-5, "critic_opt.lr": 1e-4, "slow_target_update": 100, "train_every": 4,
         "actor.layers": 4, "actor.units": 400, "model_opt.clip": 100.0, "model_opt.eps": 1e-5,
         "model_opt.wd": 1e-6, "loss_scales.discount": 1.0, "time_limit": 27000, "action_repeat": 4,

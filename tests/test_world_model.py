@@ -82,13 +82,18 @@ def test_free_nats_floor(balance):
     _, value = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance)
     mean_kl = float(tf.reduce_mean(value))
     # Below the floor the loss is the constant floor and sends no gradient.
+    free = float(tf.reduce_max(value)) + 1.0
     with tf.GradientTape() as tape:
-        loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=mean_kl + 1.0)
-    np.testing.assert_allclose(loss.numpy(), mean_kl + 1.0, rtol=1e-6)
+        loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=free)
+    np.testing.assert_allclose(loss.numpy(), free, rtol=1e-6)
     assert all_zero(tape.gradient(loss, [post, prior]))
     # Above the floor it is the KL itself.
-    loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=0.5 * mean_kl)
+    loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=0.5 * float(tf.reduce_min(value)))
     np.testing.assert_allclose(loss.numpy(), mean_kl, rtol=1e-6)
+    # Between: balanced KL floors the mean (free_avg), the plain KL (balance 0.5) each step, as in the release.
+    loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=mean_kl + 0.01)
+    want = np.maximum(value.numpy(), mean_kl + 0.01).mean() if balance == 0.5 else mean_kl + 0.01
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-6)
     # Per-step floor (free_avg false): mean of max(KL_t, free).
     free = float(np.median(value.numpy()))
     loss, _ = rssm.kl_loss({"logit": post}, {"logit": prior}, balance=balance, free=free, free_avg=False)
