@@ -1,11 +1,10 @@
 """Time the authors' DreamerV2 release on this machine, for comparison with scripts/bench.py.
 
-The release is the `dreamerv2` package on PyPI (2.2.0). Install it and the few modules it imports
-into a separate folder, without touching this project's environment, then run this script:
+The release is the `dreamerv2` package on PyPI (2.2.0). `scripts/setup.sh` installs it and the few
+modules it imports into `.release/` (requirements-release.txt), without touching this project's
+environment; then run this script:
 
-    pip install --no-deps --target /tmp/dreamerv2_release dreamerv2==2.2.0 ruamel.yaml \\
-        ruamel.yaml.clib gym==0.26.2 gym-notices cloudpickle
-    python scripts/bench_reference.py --path /tmp/dreamerv2_release --steps 4
+    python scripts/bench_reference.py --path .release --steps 4
 
 It builds the release's agent with its `atari` config in float32 and graph mode (its `jit: True`,
 which is how it trains), feeds one synthetic batch of the configured shape, and prints one JSON
@@ -19,9 +18,7 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import time
-import types
 
 
 def main() -> None:
@@ -32,25 +29,13 @@ def main() -> None:
     package = pathlib.Path(args.path) / "dreamerv2"
     if not (package / "agent.py").exists():
         parser.error(f"no dreamerv2 package in {args.path}; install it there first (see --help)")
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path[:0] = [str(package), args.path]  # the release imports its modules as top-level names
+    from release_side import load_release
 
-    import numpy as np
-    import tensorflow as tf
-    import tf_keras
-
-    # The release imports `mixed_precision.experimental`, which newer Keras 2 releases dropped.
-    mixed = tf_keras.mixed_precision
-    if not hasattr(mixed, "experimental"):
-        shim = types.ModuleType("mixed_precision.experimental")
-        shim.global_policy, shim.set_policy, shim.Policy = mixed.global_policy, mixed.set_global_policy, mixed.Policy
-        mixed.experimental = shim
-        sys.modules["tensorflow.keras.mixed_precision.experimental"] = shim
-    import agent
-    import common
+    agent, common = load_release(args.path)
     import gym
+    import numpy as np
     import ruamel.yaml
+    import tensorflow as tf
 
     configs = ruamel.yaml.YAML(typ="safe").load((package / "configs.yaml").read_text())
     config = common.Config(configs["defaults"]).update(configs["atari"]).update({"precision": 32, "jit": True})
@@ -61,7 +46,7 @@ def main() -> None:
                  "reward": gym.spaces.Box(-np.inf, np.inf, (), np.float32),
                  "is_first": flag, "is_last": flag, "is_terminal": flag}
     action_space = gym.spaces.Box(0, 1, (18,), np.float32)
-    action_space.discrete = True  # one-hot Atari actions, as the release's env wrapper marks them
+    action_space.n = 18  # one-hot Atari actions, as the release's OneHotAction wrapper marks them
     model = agent.Agent(config, obs_space, {"action": action_space}, common.Counter(0))
 
     rng = np.random.default_rng(0)

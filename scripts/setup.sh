@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv with Python 3.11 and install the project and its pinned requirements.
-# Safe to run every time: it reinstalls only when requirements.txt or pyproject.toml changed.
+# Create ./.venv with Python 3.11 and install the project and its pinned requirements, and the authors'
+# release into ./.release for the comparison tests.
+# Safe to run every time: it reinstalls only when a requirements file or pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,11 +26,14 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.installed
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-release.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing requirements into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  # The authors' release, for the side-by-side comparison tests (scripts/compare_release.py).
+  rm -rf .release
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .release -r requirements-release.txt
   echo "$want" > "$stamp"
 fi
