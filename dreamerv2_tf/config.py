@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,29 @@ CHOICES = {
     r".*\.norm": ("none", "layer"),
     r"rssm\.std_act": ("softplus", "sigmoid", "sigmoid2"),
     r"actor\.dist": ("auto", "onehot", "trunc_normal"),
+    r"replay\.sample": ("episode", "step"),
+}
+
+# Valid ranges of numeric keys (a full-match pattern over dotted keys -> test, what the value must be),
+# checked with CHOICES when a config is built: a value that would train on NaN from the first update
+# (a negative learning rate) or fail only after the prefill (batch 0) is refused at start-up instead.
+# Every float must also be finite; lists are checked element by element, schedules at both ends.
+_positive = (lambda v: v > 0, "a positive number")
+_at_least_1 = (lambda v: v >= 1, "at least 1")
+_non_negative = (lambda v: v >= 0, "at least 0")
+_unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_half_open_unit = (lambda v: 0 < v <= 1, "in (0, 1]")
+BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    r".*_opt\.lr": _positive,
+    r".*_opt\.(eps|clip|wd)": _non_negative,
+    r"discount|slow_target_fraction": _half_open_unit,
+    r"discount_lambda|kl\.balance|actor_grad_mix": _unit,
+    r"imag_horizon|dataset\.(batch|length)|train_every|envs|action_repeat|slow_target_update|replay\.minlen"
+    r"|size|rssm\.(hidden|deter|stoch)|(encoder|decoder)\.(cnn_depth|cnn_kernels|mlp_layers)|.*\.units":
+        _at_least_1,
+    r"steps|prefill|pretrain|train_steps|eval_eps|time_limit|train_time_limit|checkpoint_keep"
+    r"|replay\.(capacity|maxlen)|rssm\.discrete|atari\.noops|kl\.free|loss_scales\..*|actor_ent"
+    r"|expl_noise|eval_noise|.*\.min_std": _non_negative,
 }
 
 # Flags handled by the loader itself, not config keys.
@@ -297,8 +321,14 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
             raise ConfigError(f"named config '{name}' in {path} must map keys to values")
         config = _apply(config, named[name] or {}, types)
     config = _apply(config, overrides or {}, types)
-    check_choices(config)
+    validate(config)
     return config
+
+
+def validate(config: Config) -> None:
+    """Refuse enumerated values outside CHOICES and numbers outside BOUNDS (ConfigError, one line)."""
+    check_choices(config)
+    check_values(config)
 
 
 def check_choices(config: Config) -> None:
@@ -307,6 +337,27 @@ def check_choices(config: Config) -> None:
         for pattern, choices in CHOICES.items():
             if re.fullmatch(pattern, key) and value not in choices:
                 raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'")
+
+
+def check_values(config: Config) -> None:
+    """Refuse non-finite floats and numbers outside their key's BOUNDS, naming the key."""
+    for key, value in config.flat().items():
+        if isinstance(value, str) and key.rsplit(".", 1)[-1] in SCHEDULABLE and SCHEDULE_RE.match(value):
+            start, end, duration = (float(part) for part in value[value.index("(") + 1:-1].split(","))
+            if not math.isfinite(duration) or duration <= 0:
+                raise ConfigError(f"{key}: the schedule's duration must be a positive finite number, got {value}")
+            numbers = [start, end]
+        else:
+            numbers = list(value) if isinstance(value, (list, tuple)) else [value]
+        numbers = [n for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)]
+        for number in numbers:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+        for pattern, (test, what) in BOUNDS.items():
+            if re.fullmatch(pattern, key):
+                for number in numbers:
+                    if not test(number):
+                        raise ConfigError(f"{key} must be {what}, got {value}")
 
 
 def load_run(logdir: str | Path) -> Config:
@@ -382,11 +433,11 @@ def from_cli(argv: Sequence[str] | None = None, prog: str = "train.py",
     return config
 
 
-def fail(message: str) -> None:
-    """Report a user mistake as one line on stderr and exit with status 2."""
+def fail(message: str, status: int = 2) -> None:
+    """Report a user mistake as one line on stderr and exit with `status` (2; 1 for a failed run)."""
     line = " ".join(str(message).split())  # e.g. YAML parser errors span several lines
     print(f"error: {line}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 class ArgumentParser(argparse.ArgumentParser):

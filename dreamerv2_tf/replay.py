@@ -8,13 +8,24 @@ action taken before it (zeros at t=0) and the reward received on arriving at it
 name sorts by time; files are written under a temporary name and renamed, so a
 crash never leaves a partial `.npz` behind.
 
-Sampling: episodes are drawn with probability proportional to their length
-(so every stored step is equally likely to start a sequence) and only if they
-have at least `minlen` steps; the start index is uniform, or with
+Sampling (`sample`, config key `replay.sample`): only episodes with at least
+`minlen` steps are eligible. With `episode` (the default, the authors'
+release's rule) each eligible episode is equally likely, whatever its length;
+with `step` an episode is drawn with probability proportional to its length, so
+every stored step is equally likely. The start index is uniform, or with
 `prioritize_ends` drawn from [0, T] and clipped to T - length so that episode
 ends are seen often (paper section 2.1). A sequence shorter than requested is
 continued with another sampled episode; 'is_first' is True on the first step of
 every piece, so the model resets its state at each boundary.
+
+Validation: the keys, per-step shapes and dtypes every episode must have (its
+signature) come from the environment's spaces when they are given
+(`space_signature`); without them, from the signature most files in the folder
+share, so one odd file is skipped instead of making every other file differ.
+Files that cannot be read, do not follow the format, do not match or hold
+non-finite (NaN, inf) values in a sampled key are skipped at load with a
+warning; an episode with non-finite values is refused by `add_episode` with a
+warning and not stored.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import collections
 import datetime
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -31,11 +43,19 @@ from typing import Any
 
 import numpy as np
 
+from dreamerv2_tf.config import CHOICES
+
 REQUIRED = ("action", "reward", "is_first", "is_last", "is_terminal")
 FLAGS = ("is_first", "is_last", "is_terminal")
 TEMP_SUFFIX = ".tmp"
+SAMPLE_MODES = CHOICES[r"replay\.sample"]
+# Names `episode_filename` writes: <UTC time>-<uuid hex>-<length>.npz. Other names carry no length.
+FILENAME_RE = re.compile(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]+-(\d+)")
+# With env spaces, loading gives up after this many non-matching files when none matched so far.
+MISMATCH_GIVE_UP = 10
 
 Episode = dict[str, np.ndarray]
+Signature = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 class EpisodeError(ValueError):
@@ -72,10 +92,50 @@ def episode_length(episode: Mapping[str, np.ndarray]) -> int:
     return int(len(episode["reward"]))
 
 
-def _signature(episode: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _signature(episode: Mapping[str, np.ndarray]) -> Signature:
     """Per-step shape and dtype of the keys that are sampled (everything except log_ keys)."""
-    return {key: (value.shape[1:], value.dtype) for key, value in episode.items()
+    return {key: (tuple(value.shape[1:]), value.dtype) for key, value in episode.items()
             if not key.startswith("log_")}
+
+
+def space_signature(obs_space: Mapping[str, Any], act_space: Mapping[str, Any]) -> Signature:
+    """The signature of the episodes an env with these (gymnasium) spaces produces, after
+    `normalize_episode`: flags bool, reward and action float32, float64 observations float32."""
+    signature: Signature = {"reward": ((), np.dtype(np.float32))}
+    signature.update({flag: ((), np.dtype(bool)) for flag in FLAGS})
+    for key, space in obs_space.items():
+        if key.startswith("log_") or key in REQUIRED:
+            continue
+        dtype = np.dtype(space.dtype)
+        signature[key] = (tuple(space.shape), np.dtype(np.float32) if dtype == np.float64 else dtype)
+    space = act_space["action"]
+    size = int(space.n) if hasattr(space, "n") else int(np.prod(space.shape))  # Discrete: one-hot
+    signature["action"] = ((size,), np.dtype(np.float32))
+    return signature
+
+
+def nonfinite_keys(episode: Mapping[str, np.ndarray]) -> list[str]:
+    """Sampled keys with NaN or inf values (log_ keys are only logged, never trained on)."""
+    return sorted(key for key, value in episode.items() if not key.startswith("log_")
+                  and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all())
+
+
+def _describe(signature: Signature, key: str) -> str:
+    shape, dtype = signature[key]
+    return f"size {shape[0]}" if key == "action" and len(shape) == 1 else f"shape {shape} {dtype}"
+
+
+def signature_difference(found: Signature, expected: Signature, source: str) -> str:
+    """What differs, e.g. "action size 5 where the environment's spaces have action size 3"."""
+    parts = []
+    for key in sorted(set(found) | set(expected)):
+        if key not in found:
+            parts.append(f"no '{key}', which {source} have")
+        elif key not in expected:
+            parts.append(f"an extra key '{key}', which {source} do not have")
+        elif found[key] != expected[key]:
+            parts.append(f"{key} {_describe(found, key)} where {source} have {key} {_describe(expected, key)}")
+    return "; ".join(parts)
 
 
 def episode_filename(length: int) -> str:
@@ -84,9 +144,12 @@ def episode_filename(length: int) -> str:
 
 
 def filename_length(path: str | Path) -> int | None:
-    """The episode length a replay file name carries (see `episode_filename`); None for other names."""
-    _, sep, tail = Path(path).stem.rpartition("-")
-    return int(tail) if sep and tail.isdigit() else None
+    """The episode length a replay file name carries (see `episode_filename`); None for other names.
+
+    Only names of the replay's own form count, so `junk-99999999.npz` claims no length.
+    """
+    match = FILENAME_RE.fullmatch(Path(path).stem)
+    return int(match.group(1)) if match else None
 
 
 def save_episode(directory: str | Path, episode: Mapping[str, np.ndarray]) -> Path:
@@ -109,33 +172,57 @@ def save_episode(directory: str | Path, episode: Mapping[str, np.ndarray]) -> Pa
 def load_episode(path: str | Path) -> Episode:
     """Read and validate one episode file; EpisodeError (naming the file) when it is unusable."""
     try:
+        with open(path, "rb") as file:
+            head = file.read(6)
+    except OSError as exc:
+        raise EpisodeError(f"cannot read episode file {path}: {exc.strerror or exc}") from None
+    # np.load takes anything without a zip or .npy header for a pickle, and then reports
+    # "pickled data" for what is really a damaged or foreign file.
+    if head.startswith(b"\x93NUMPY"):
+        raise EpisodeError(f"skipping episode file {path}: a single .npy array, not an .npz archive of episode keys")
+    if not head.startswith(b"PK"):
+        raise EpisodeError(f"skipping episode file {path}: not an .npz archive (no zip header; damaged or "
+                           "not written by numpy)")
+    try:
         with np.load(path, allow_pickle=False) as data:
             raw = {key: data[key] for key in data.files}
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise EpisodeError(f"cannot read episode file {path}: {type(exc).__name__}: {exc}") from None
     try:
-        return normalize_episode(raw)
+        episode = normalize_episode(raw)
     except EpisodeError as exc:
         raise EpisodeError(f"skipping episode file {path}: {exc}") from None
+    bad = nonfinite_keys(episode)
+    if bad:
+        raise EpisodeError(f"skipping episode file {path}: non-finite values (NaN or inf) in {', '.join(bad)}")
+    return episode
 
 
 class Replay:
-    """FIFO replay of whole episodes, mirrored to `directory` (files stay on disk when evicted)."""
+    """FIFO replay of whole episodes, mirrored to `directory` (files stay on disk when evicted).
+
+    `signature` (see `space_signature`) fixes the keys, shapes and dtypes every episode must have;
+    without it they are taken from the files at load (the majority) or from the first episode added.
+    """
 
     def __init__(self, directory: str | Path, capacity: int = 0, minlen: int = 1, maxlen: int = 0,
-                 prioritize_ends: bool = False, seed: int = 0, load: bool = True):
+                 prioritize_ends: bool = False, seed: int = 0, load: bool = True, sample: str = "episode",
+                 signature: Mapping[str, tuple[tuple[int, ...], Any]] | None = None):
         if capacity < 0:
             raise ValueError(f"replay capacity must be 0 (unlimited) or positive, got {capacity}")
         if minlen < 1:
             raise ValueError(f"replay minlen must be at least 1, got {minlen}")
         if maxlen < 0:
             raise ValueError(f"replay maxlen must be 0 (no limit) or positive, got {maxlen}")
+        if sample not in SAMPLE_MODES:
+            raise ValueError(f"replay sample must be one of {', '.join(SAMPLE_MODES)}, got '{sample}'")
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity = int(capacity)
         self.minlen = int(minlen)
         self.maxlen = int(maxlen)
         self.prioritize_ends = bool(prioritize_ends)
+        self.sample = sample
         self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
         self._episodes: collections.deque[Episode] = collections.deque()
@@ -144,7 +231,12 @@ class Replay:
         self._total_episodes = 0
         self._loaded_episodes = 0
         self._skipped_files = 0
-        self._signature: dict | None = None
+        self._refused_episodes = 0
+        self._file_lengths: dict[str, int] = {}
+        self._signature: Signature | None = None
+        self._from_spaces = signature is not None
+        if signature is not None:
+            self._signature = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in signature.items()}
         self._buffers: dict[int, list[dict[str, np.ndarray]]] = {}
         self._cumulative: np.ndarray | None = None  # cached sampling weights; None when stale
         self._eligible: list[Episode] = []
@@ -165,9 +257,19 @@ class Replay:
         episode = {key: np.stack([step[key] for step in steps]) for key in steps[0]}
         return self.add_episode(episode)
 
-    def add_episode(self, episode: Mapping[str, Any]) -> Path:
-        """Save one episode to the directory and add it to memory; returns the file path."""
+    def add_episode(self, episode: Mapping[str, Any]) -> Path | None:
+        """Save one episode to the directory and add it to memory; returns the file path.
+
+        An episode with NaN or inf values is refused with a warning (None): training on it would
+        turn every weight into NaN. Other format errors raise EpisodeError.
+        """
         episode = normalize_episode(episode)
+        bad = nonfinite_keys(episode)
+        if bad:
+            self._refused_episodes += 1
+            warnings.warn(f"episode of {episode_length(episode)} steps not stored in {self.directory}: non-finite "
+                          f"values (NaN or inf) in {', '.join(bad)}", RuntimeWarning, stacklevel=2)
+            return None
         self._check_signature(episode, "episode")
         path = save_episode(self.directory, episode)
         self._insert(episode)
@@ -186,7 +288,10 @@ class Replay:
             episodes, cumulative = self._sampling_table()
             keys = list(self._signature)
             while need > 0:
-                index = int(np.searchsorted(cumulative, self._rng.uniform(0, cumulative[-1]), side="right"))
+                if self.sample == "episode":  # every eligible episode equally likely
+                    index = int(self._rng.integers(0, len(episodes)))
+                else:  # in proportion to length: every stored step equally likely
+                    index = int(np.searchsorted(cumulative, self._rng.uniform(0, cumulative[-1]), side="right"))
                 episode = episodes[min(index, len(episodes) - 1)]
                 total = episode_length(episode)
                 take = min(need, self.maxlen) if self.maxlen else need
@@ -252,6 +357,18 @@ class Replay:
     def total_episodes(self) -> int:
         return self._total_episodes
 
+    @property
+    def refused_episodes(self) -> int:
+        """Episodes `add_episode` refused because of non-finite values."""
+        return self._refused_episodes
+
+    def file_lengths(self) -> dict[str, int]:
+        """Steps of each file the load read, by file name: 0 for files it skipped.
+
+        Files beyond the capacity are not read and not listed.
+        """
+        return dict(self._file_lengths)
+
     def stats(self) -> dict[str, int]:
         return {
             "replay_steps": self.num_steps,
@@ -260,6 +377,7 @@ class Replay:
             "replay_total_episodes": self.total_episodes,
             "replay_loaded_episodes": self._loaded_episodes,
             "replay_skipped_files": self._skipped_files,
+            "replay_refused_episodes": self._refused_episodes,
         }
 
     def episodes(self) -> list[Episode]:
@@ -270,24 +388,78 @@ class Replay:
     # ---- internals ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        """Load existing episodes newest first until the capacity is reached."""
-        loaded: list[Episode] = []
+        """Load existing episodes newest first until the capacity is reached.
+
+        Without an expected signature, the files read up to the capacity vote: the signature most of
+        them share is expected (ties: the newest file's), the others are skipped.
+        """
+        paths = iter(sorted(self.directory.glob("*.npz"), key=lambda item: item.name, reverse=True))
+        loaded: list[tuple[Path, Episode]] = []
+        mismatched: list[tuple[Path, Signature]] = []
         steps = 0
-        for path in sorted(self.directory.glob("*.npz"), key=lambda item: item.name, reverse=True):
+
+        def read(path: Path) -> Episode | None:
+            try:
+                return load_episode(path)
+            except EpisodeError as exc:
+                self._skip(path, str(exc))
+                return None
+
+        if self._signature is None:
+            candidates: list[tuple[Path, Episode]] = []
+            for path in paths:
+                episode = read(path)
+                if episode is not None:
+                    candidates.append((path, episode))
+                    steps += episode_length(episode)
+                    if self.capacity and steps >= self.capacity:
+                        break
+            if candidates:
+                votes = collections.Counter(tuple(sorted(_signature(ep).items())) for _, ep in candidates)
+                self._signature = dict(votes.most_common(1)[0][0])
+            steps = 0
+            for path, episode in candidates:
+                if _signature(episode) == self._signature:
+                    loaded.append((path, episode))
+                    steps += episode_length(episode)
+                else:
+                    mismatched.append((path, _signature(episode)))
+        for path in paths:  # the rest, against the now known signature
             if self.capacity and steps >= self.capacity:
                 break
-            try:
-                episode = load_episode(path)
-                self._check_signature(episode, f"episode file {path}")
-            except EpisodeError as exc:
-                self._skipped_files += 1
-                warnings.warn(str(exc), RuntimeWarning, stacklevel=3)
+            if self._from_spaces and not loaded and len(mismatched) >= MISMATCH_GIVE_UP:
+                break  # a folder of another task's episodes: no need to read it all
+            episode = read(path)
+            if episode is None:
                 continue
-            loaded.append(episode)
-            steps += episode_length(episode)
-        for episode in reversed(loaded):
+            if _signature(episode) == self._signature:
+                loaded.append((path, episode))
+                steps += episode_length(episode)
+            else:
+                mismatched.append((path, _signature(episode)))
+        source = "the environment's spaces" if self._from_spaces else "most files in the folder"
+        if self._from_spaces and len(mismatched) > max(len(loaded), 1):
+            # Most files (and more than a single odd one) disagree with the env: the folder holds another
+            # task's episodes. One line naming the difference beats a warning per file and a Keras shape
+            # error at the first update.
+            common, count = collections.Counter(tuple(sorted(sig.items())) for _, sig in mismatched).most_common(1)[0]
+            raise EpisodeError(
+                f"the episodes in {self.directory} do not fit the environment: {count} of "
+                f"{len(mismatched) + len(loaded)} files read have "
+                f"{signature_difference(dict(common), self._signature, source)} (another task's episodes?)")
+        for path, signature in mismatched:
+            self._skip(path, f"skipping episode file {path}: "
+                             f"{signature_difference(signature, self._signature, source)}")
+        for path, episode in loaded:
+            self._file_lengths[path.name] = episode_length(episode)
+        for _, episode in reversed(loaded):
             self._insert(episode)
         self._loaded_episodes = len(loaded)
+
+    def _skip(self, path: Path, message: str) -> None:
+        self._skipped_files += 1
+        self._file_lengths[path.name] = 0
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _check_signature(self, episode: Episode, what: str) -> None:
         signature = _signature(episode)
@@ -297,10 +469,9 @@ class Replay:
                 return
             expected = self._signature
         if signature != expected:
-            diff = sorted(set(signature) ^ set(expected)) or [
-                key for key in signature if signature[key] != expected[key]]
-            raise EpisodeError(f"{what} does not match the replay's keys, shapes or dtypes "
-                               f"(differs in {', '.join(diff)})")
+            source = "the environment's spaces" if self._from_spaces else "the replay's episodes"
+            raise EpisodeError(f"{what} does not match the replay's keys, shapes or dtypes: "
+                               f"{signature_difference(signature, expected, source)}")
 
     def _insert(self, episode: Episode) -> None:
         with self._lock:

@@ -10,8 +10,17 @@ import warnings
 
 import numpy as np
 import pytest
+from gymnasium import spaces
 
-from dreamerv2_tf.replay import Replay, episode_filename, filename_length, load_episode, save_episode
+from dreamerv2_tf.replay import (
+    EpisodeError,
+    Replay,
+    episode_filename,
+    filename_length,
+    load_episode,
+    save_episode,
+    space_signature,
+)
 
 
 def make_episode(length, marker=0.0, image=True, actions=3):
@@ -139,12 +148,20 @@ def test_prioritize_ends_reaches_final_steps(tmp_path):
     assert 0.08 < prioritized < 0.14  # 11 of 101 start draws clip to the end
 
 
-def test_length_weighted_episode_choice(tmp_path):
-    replay = Replay(tmp_path, seed=0)
-    replay.add_episode(make_episode(10, 1.0, image=False))
-    replay.add_episode(make_episode(30, 2.0, image=False))
-    markers = np.array([replay.sample_sequence(1)["vector"][0, 0] for _ in range(2000)])
-    assert 0.70 < np.mean(markers == 2.0) < 0.80  # 30 of 40 stored steps
+@pytest.mark.parametrize("sample, expected", [("episode", 0.5), ("step", 0.9)])
+def test_episode_choice_is_uniform_or_in_proportion_to_length(tmp_path, sample, expected):
+    replay = Replay(tmp_path, seed=0, sample=sample)
+    replay.add_episode(make_episode(90, 1.0, image=False))
+    replay.add_episode(make_episode(10, 2.0, image=False))
+    long_rate = np.mean([replay.sample_sequence(1)["vector"][0, 0] == 1.0 for _ in range(4000)])
+    # Standard errors over 4000 draws are 0.008 (p 0.5) and 0.005 (p 0.9): a swapped rule lands 0.4 away.
+    assert abs(long_rate - expected) < 0.03, long_rate
+
+
+def test_episode_sampling_is_the_default_and_other_modes_are_refused(tmp_path):
+    assert Replay(tmp_path).sample == "episode"
+    with pytest.raises(ValueError, match="sample must be one of episode, step, got 'uniform'"):
+        Replay(tmp_path, sample="uniform")
 
 
 def test_corrupt_and_foreign_files_are_skipped_with_warning(tmp_path):
@@ -258,5 +275,99 @@ def test_bad_arguments_and_episodes_raise_value_errors(tmp_path):
 def test_filename_length_reads_the_length_the_replay_writes_into_names():
     assert filename_length(episode_filename(137)) == 137
     assert filename_length(f"dir/{episode_filename(1)}") == 1
-    for foreign in ("episode.npz", "run-final.npz", "20260101-abc-.npz", "run-1.5.npz"):
+    for foreign in ("episode.npz", "run-final.npz", "20260101-abc-.npz", "run-1.5.npz", "junk-99999999.npz"):
         assert filename_length(foreign) is None, foreign
+
+
+# ---- non-finite values and signatures ---------------------------------------------------------------------
+
+# The spaces of an env producing `make_episode(..., image=False)` episodes with 3 actions.
+SPACES = ({"vector": spaces.Box(-np.inf, np.inf, (2,), np.float32), "log_score": spaces.Box(0, 9, (), np.int64)},
+          {"action": spaces.Discrete(3)})
+
+
+def test_episodes_with_nan_or_inf_are_refused_at_add_and_skipped_at_load(tmp_path):
+    replay = Replay(tmp_path)
+    good = make_episode(6, 1.0)
+    nan = make_episode(6, 2.0)
+    nan["reward"][3] = np.nan
+    inf = make_episode(6, 3.0)
+    inf["vector"][2, 0] = np.inf
+    assert replay.add_episode(good) is not None
+    for episode, key in ((nan, "reward"), (inf, "vector")):
+        with pytest.warns(RuntimeWarning, match=f"not stored.*non-finite values.*in {key}"):
+            assert replay.add_episode(episode) is None
+    assert replay.num_episodes == 1 and replay.refused_episodes == 2
+    assert len(list(tmp_path.glob("*.npz"))) == 1  # refused episodes are not written
+    np.savez(tmp_path / "zz-nan.npz", **nan)  # the same episodes written by another tool
+    np.savez(tmp_path / "zz-inf.npz", **inf)
+    log_nan = dict(make_episode(6, 4.0), log_score=np.full(6, np.nan))  # log_ keys are never trained on
+    np.savez(tmp_path / "zz-log.npz", **log_nan)
+    with pytest.warns(RuntimeWarning) as caught:
+        reloaded = Replay(tmp_path)
+    messages = [str(item.message) for item in caught]
+    assert len(messages) == 2 and all("non-finite" in message for message in messages), messages
+    assert any("zz-nan.npz" in m and "reward" in m for m in messages)
+    assert any("zz-inf.npz" in m and "vector" in m for m in messages)
+    assert sorted(episode["vector"][0, 0] for episode in reloaded.episodes()) == [1.0, 4.0]
+    assert all(np.isfinite(reloaded.sample_sequence(12)["reward"]).all() for _ in range(50))
+
+
+def test_random_bytes_are_reported_as_not_an_npz_file(tmp_path):
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(2000))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    for name, expected in (("random.npz", "not an .npz archive"), ("array.npz", "single .npy array")):
+        with pytest.raises(EpisodeError) as caught:
+            load_episode(tmp_path / name)
+        assert expected in str(caught.value) and name in str(caught.value)
+        assert "pickle" not in str(caught.value)
+
+
+def test_odd_file_sorting_newest_is_skipped_not_every_real_file(tmp_path):
+    for marker in range(3):
+        save_episode(tmp_path, make_episode(8, float(marker), image=False))
+    odd = make_episode(8, 9.0, image=False)
+    odd["vector"] = np.zeros((8, 5), np.float32)  # another shape; its name sorts after (newer than) the rest
+    np.savez(tmp_path / "zzzz-odd.npz", **odd)
+    for signature in (None, space_signature(*SPACES)):  # the majority of files, or the env's spaces
+        with pytest.warns(RuntimeWarning) as caught:
+            replay = Replay(tmp_path, signature=signature)
+        messages = [str(item.message) for item in caught]
+        assert len(messages) == 1 and "zzzz-odd.npz" in messages[0], messages
+        assert "vector shape (5,) float32" in messages[0] and "vector shape (2,) float32" in messages[0]
+        assert replay.num_episodes == 3 and replay.stats()["replay_skipped_files"] == 1
+        lengths = replay.file_lengths()
+        assert lengths["zzzz-odd.npz"] == 0 and sorted(lengths.values()) == [0, 8, 8, 8]
+        assert replay.sample_sequence(4)["vector"].shape == (4, 2)
+
+
+def test_env_signature_refuses_an_added_episode_of_other_shapes(tmp_path):
+    replay = Replay(tmp_path, signature=space_signature(*SPACES))
+    with pytest.raises(EpisodeError, match="action size 5 where the environment's spaces have action size 3"):
+        replay.add_episode(make_episode(4, actions=5, image=False))
+    with pytest.raises(EpisodeError, match="extra key 'image'"):
+        replay.add_episode(make_episode(4))
+    assert replay.add_episode(make_episode(4, image=False)) is not None
+
+
+def test_folder_of_another_action_size_is_one_error_naming_folder_and_sizes(tmp_path):
+    for marker in range(4):
+        np.savez(tmp_path / f"episode_{marker}.npz", **make_episode(5, float(marker), image=False, actions=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error, not a warning per file first
+        with pytest.raises(EpisodeError) as caught:
+            Replay(tmp_path, signature=space_signature(*SPACES))
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path) in message and "4 of 4 files" in message
+    assert "action size 5" in message and "action size 3" in message
+
+
+def test_space_signature_matches_normalized_env_episodes():
+    obs = {"image": spaces.Box(0, 255, (8, 8, 1), np.uint8), "pos": spaces.Box(-1, 1, (3,), np.float64),
+           "reward": spaces.Box(-np.inf, np.inf, (), np.float32), "is_first": spaces.Box(0, 1, (), bool),
+           "log_x": spaces.Box(0, 1, (), np.float32)}
+    signature = space_signature(obs, {"action": spaces.Box(-1, 1, (2, 3), np.float32)})
+    assert signature == {
+        "image": ((8, 8, 1), np.uint8), "pos": ((3,), np.float32), "action": ((6,), np.float32),
+        "reward": ((), np.float32), "is_first": ((), bool), "is_last": ((), bool), "is_terminal": ((), bool)}
