@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     from dreamerv2_tf.checkpoint import restore_weights
     from dreamerv2_tf.driver import Driver
     from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.training import env_kwargs, wrap_gym_env
+    from dreamerv2_tf.training import env_kwargs, network_variables, nonfinite_variables, wrap_gym_env
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
     if env_fn is not None:
@@ -44,6 +46,12 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config, "eval"))
     agent = Agent(env.obs_space, env.act_space, config, precision)
     checkpoint = restore_weights(logdir / "checkpoints", agent)
+    # A NaN policy still plays (every action the same), and its return would look like any other score.
+    bad = nonfinite_variables(network_variables(agent))
+    if bad:
+        env.close()
+        raise ValueError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} variables, e.g. {bad[0]}), "
+                         "so its returns would mean nothing; was it saved after the run diverged?")
     returns, lengths, frames = [], [], []
     key = next(iter(agent.video_keys), None)
 
@@ -71,6 +79,23 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     return result
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (without creating it), or None."""
+    if path.is_dir():
+        return "is a directory"
+    if not path.parent.is_dir():
+        return f"its directory {path.parent} does not exist"
+    try:  # a real write, since permission bits say nothing for root or on a read-only mount
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write in {path.parent} ({exc.strerror})"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "is not writable"
+    return None
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> None:
     import imageio.v2 as imageio
 
@@ -95,12 +120,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.video and Path(args.video).suffix.lower() not in (".gif", ".mp4"):
         configlib.fail(f"--video must end in .gif or .mp4, got {args.video}")
+    out = Path(args.out).expanduser() if args.out else Path(args.logdir).expanduser() / "eval_results.json"
+    # Checked before playing, so the episodes are not played for nothing (without --out a missing logdir
+    # is reported by evaluate() instead).
+    for flag, path in (("--out", out if args.out or out.parent.is_dir() else None),
+                       ("--video", Path(args.video).expanduser() if args.video else None)):
+        problem = path and unwritable(path)
+        if problem:
+            configlib.fail(f"{flag} {path}: {problem}")
     try:
         result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
         configlib.fail(str(exc))
-    out = Path(args.out) if args.out else Path(args.logdir).expanduser() / "eval_results.json"
-    out.write_text(json.dumps(result, indent=1))
+    try:
+        out.write_text(json.dumps(result, indent=1))
+    except OSError as exc:  # e.g. the disk filled up meanwhile: keep the results on stdout
+        print(json.dumps(result))
+        configlib.fail(f"cannot write {out} ({exc.strerror}); the results are printed above", 1)
     print(f"return mean {result['mean']:.2f} std {result['std']:.2f} min {result['min']:.2f} "
           f"max {result['max']:.2f} over {args.episodes} episodes; results in {out}")
     sys.exit(0)

@@ -234,22 +234,23 @@ class Logger:
             record[name] = value if math.isfinite(value) else None
         line = json.dumps(record, allow_nan=False)
         path = self.logdir / METRICS_FILE
-        with open(path, "a+b") as file:
-            if not self._checked_file_end:
+        data = line.encode("utf-8") + b"\n"
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if not self._checked_file_end and size and os.pread(fd, 1, size - 1) != b"\n":
                 # A crash can leave a partial last line; start on a fresh line so only that one is lost.
-                self._checked_file_end = True
-                file.seek(0, os.SEEK_END)
-                if file.tell() > 0:
-                    file.seek(-1, os.SEEK_END)
-                    if file.read(1) != b"\n":
-                        file.write(b"\n")
-            file.write(line.encode("utf-8") + b"\n")
+                data = b"\n" + data
+            _write_all(fd, data, size, path)
+            self._checked_file_end = True
+        finally:
+            os.close(fd)
 
     def _write_gif_file(self, name: str, step: int, gif: bytes) -> None:
         directory = self.logdir / VIDEOS_DIR
         directory.mkdir(exist_ok=True)
         safe = _safe_filename(name)
-        (directory / f"{safe}_{step}.gif").write_bytes(gif)
+        _write_file_atomically(directory / f"{safe}_{step}.gif", gif)
         if self.videos_keep:
             pattern = re.compile(rf"^{re.escape(safe)}_(\d+)\.gif$")
             found = sorted(
@@ -265,17 +266,24 @@ class Logger:
     ) -> None:
         import tensorflow as tf
 
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(str(self.logdir))
-        with self._writer.as_default():
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value, step=step)
-            for name, (shape, gif) in gifs.items():
-                height, width = shape[1:3]
-                # The image plugin's tensor layout: [width, height, encoded image...]; a GIF blob animates.
-                tensor = tf.constant([str(width).encode(), str(height).encode(), gif], dtype=tf.string)
-                tf.summary.write(name, tensor, step=step, metadata=_image_metadata(name))
-        self._writer.flush()
+        try:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(str(self.logdir))
+            with self._writer.as_default():
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, value, step=step)
+                for name, (shape, gif) in gifs.items():
+                    height, width = shape[1:3]
+                    # The image plugin's tensor layout: [width, height, encoded image...]; a GIF blob animates.
+                    tensor = tf.constant([str(width).encode(), str(height).encode(), gif], dtype=tf.string)
+                    tf.summary.write(name, tensor, step=step, metadata=_image_metadata(name))
+            self._writer.flush()
+        except tf.errors.OpError as exc:
+            # A full or read-only disk: an OSError naming the events file, like every other write here.
+            from dreamerv2_tf.checkpoint import as_os_error
+
+            found = re.search(r"[^\s;{}]*tfevents[^\s;]*", str(exc))
+            raise as_os_error(exc, found.group(0) if found else self.logdir) from None
 
 
 class Progress:
@@ -283,7 +291,8 @@ class Progress:
 
     On a terminal this is a tqdm bar. Otherwise (logs redirected to a file, CI)
     it prints a plain line each time another `every` fraction of the total is
-    done, so log files stay readable.
+    done, so log files stay readable: at most 1 / every lines and a final one.
+    Counts past the total (a prefill that ends in a long episode) show as 100%.
     """
 
     def __init__(
@@ -337,10 +346,13 @@ class Progress:
             raise ValueError(f"Progress.update expects n >= 0, got {n!r}")
         self.n += int(n)
         if self._bar is not None:
+            if self.n > self._bar.total:
+                self._bar.total = self.n  # a bar past its total would drop the percentage
             self._bar.update(int(n))
         elif self._enabled and self.total and self.n >= self._next_mark:
             self._print_plain()
-            self._next_mark = self._mark_after(self.n)
+            # Past the total (a prefill that overshoots by a long episode) only close() prints again.
+            self._next_mark = self._mark_after(self.n) if self.n < self.total else math.inf
 
     def update_to(self, value: int) -> None:
         """Advances to an absolute count, e.g. the agent step; never moves backwards."""
@@ -372,7 +384,7 @@ class Progress:
         elapsed = time.time() - self._start
         done = self.n - self._initial
         rate = done / elapsed if elapsed > 0 else 0.0
-        percent = 100.0 * self.n / self.total if self.total else 100.0
+        percent = min(100.0, 100.0 * self.n / self.total) if self.total else 100.0
         line = f"{self.desc}: {percent:3.0f}% {self.n:,}/{self.total:,} {self.unit}"
         line += f", {_format_number(rate)} {self.unit}/s"
         if rate > 0 and self.n < self.total:
@@ -491,6 +503,35 @@ def _format_duration(seconds: float) -> str:
     minutes, seconds = divmod(rest, 60)
     clock = f"{hours}:{minutes:02d}:{seconds:02d}"
     return f"{days}d {clock}" if days else clock
+
+
+def _write_all(fd: int, data: bytes, size: int, path: Path) -> None:
+    """Append `data` to the file open as `fd` (of `size` bytes) completely or not at all.
+
+    A disk that fills up mid-write would otherwise leave a cut line; the file is truncated back and
+    the error raised with the file's path.
+    """
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    """Write a whole file under a temporary name, then rename it: never a half-written file."""
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _isatty(file: IO[str]) -> bool:

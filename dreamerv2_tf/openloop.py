@@ -125,7 +125,7 @@ def load_world_model(logdir: Path, config: configlib.Config,
     import tensorflow as tf
 
     from dreamerv2_tf.agent import model_obs_shapes, set_precision
-    from dreamerv2_tf.checkpoint import restore_weights
+    from dreamerv2_tf.checkpoint import DamagedCheckpoint, restore_weights
     from dreamerv2_tf.world_model import WorldModel
 
     # Predictions only: float32 on any device (the checkpointed variables are float32 in every precision).
@@ -141,6 +141,8 @@ def load_world_model(logdir: Path, config: configlib.Config,
         variable.assign(tf.fill(variable.shape, float("nan")))
     try:
         checkpoint = restore_weights(logdir / "checkpoints", holder)
+    except DamagedCheckpoint:  # its message names the damaged files; this is not about other networks
+        raise
     except (ValueError, tf.errors.OpError) as exc:
         # The half-restored checkpoint object would otherwise log every value it did not restore.
         tf.get_logger().setLevel("ERROR")
@@ -339,8 +341,10 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
     if not logdir.is_dir():
         raise FileNotFoundError(f"logdir {logdir} does not exist")
     config = configlib.load_run(logdir)
-    # The index file the checkpoint manager writes with every save: checked to fail before TensorFlow loads.
-    if not (logdir / "checkpoints" / "checkpoint").is_file():
+    # Checked to fail before TensorFlow loads (the files only; damaged ones are found when restoring).
+    from dreamerv2_tf.checkpoint import has_checkpoint
+
+    if not has_checkpoint(logdir / "checkpoints"):
         raise FileNotFoundError(f"no checkpoint in {logdir / 'checkpoints'}; train the run until it saves")
     for name, value, low in (("--context", context, 1), ("--count", count, 1), ("--every", every, 1),
                              ("--scale", scale, 1)):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import errno
+import math
+import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,12 @@ from dreamerv2_tf import config as configlib
 from dreamerv2_tf.evaluate import CUSTOM_PREFIX
 from dreamerv2_tf.logger import METRICS_FILE, Logger, Progress, read_metrics
 from dreamerv2_tf.replay import filename_length
+from dreamerv2_tf.runlock import LogdirInUse, RunLock
+
+# float16: a run stops after this many updates in a row that the loss scaler skipped (non-finite gradients).
+MAX_SKIPPED_IN_A_ROW = 20
+# Prefill gives up when this many episodes were refused for non-finite values and none was stored.
+PREFILL_REFUSED_LIMIT = 10
 
 # Keys that may differ between the saved config of a logdir and a resumed run.
 # Changing any other key that shapes the networks or optimizers is refused.
@@ -26,8 +35,23 @@ ARCHITECTURE_PREFIXES = (
 )
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run ends at once, without saving (exit status 128 + signal number).
+
+    A KeyboardInterrupt, so no `except Exception` on the way out swallows it.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(f"received {signal.Signals(signum).name} again: aborted without saving")
+
+
 class Stop:
-    """Turns SIGINT/SIGTERM into a flag: the loop finishes its update, saves and exits 0."""
+    """Turns SIGINT/SIGTERM into a flag: the loop finishes its update, saves and exits 0.
+
+    A second signal raises Aborted: the user (or the scheduler) does not want to wait for the save.
+    """
 
     def __init__(self):
         self.requested = False
@@ -47,7 +71,7 @@ class Stop:
 
     def _handle(self, signum, frame):
         if self.requested:  # a second signal aborts at once
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving, exiting",
               flush=True)
         self.requested = True
@@ -161,7 +185,10 @@ def wrap_gym_env(env: Any, config: configlib.Config, seed: int, mode: str) -> An
 
 
 def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = None) -> Path:
-    """Run (or resume) training as configured; returns the logdir."""
+    """Run (or resume) training as configured; returns the logdir.
+
+    One process per logdir: while a run holds LOGDIR/run.lock, another is refused with LogdirInUse.
+    """
     cluster = None
     if config.strategy != "default":
         # Created before anything else touches TensorFlow: multi_worker configures the runtime.
@@ -172,14 +199,46 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
             config = config.update({"logdir": str(cluster.worker_logdir(default_logdir(config))),
                                     "seed": cluster.worker_seed(config.seed)})
     logdir = default_logdir(config)
-    logdir.mkdir(parents=True, exist_ok=True)
+    created = _create_logdir(logdir)
+    lock = RunLock(logdir)
+    try:
+        lock.acquire()  # before anything is written: a second run on this logdir is refused here
+    except OSError as exc:
+        raise RunError(f"cannot write to logdir {logdir}: {exc.strerror or exc}", 2) from None
+    save_hook: list[Callable[[], None]] = []  # the run's save(), once it exists
+    try:
+        return _run(config, make_env, cluster, logdir, save_hook)
+    except OSError as exc:
+        if not save_hook:
+            raise
+        raise _stopped_by_os_error(exc, save_hook[0], logdir) from None
+    finally:
+        if created is not None and _holds_only(created, lock.path):
+            shutil.rmtree(created, ignore_errors=True)  # refused before writing anything: leave no trace
+        lock.release()
+
+
+def _run(config: configlib.Config, make_env: Callable[[int, str], Any] | None, cluster: Any, logdir: Path,
+         save_hook: list[Callable[[], None]]) -> Path:
+    """run() once the logdir is locked: nothing but the lock is written before config and task are valid."""
     saved_path = logdir / "config.yaml"
     if saved_path.exists():
         changed = check_resume(configlib.Config.load(saved_path), config)
         if changed:
             print(f"resuming with changed keys: {', '.join(changed)}")
-    config.save(saved_path)
     print(f"logdir: {logdir.resolve()}")
+    offline = bool(config.replay.directory)
+    replay_dir = Path(config.replay.directory).expanduser() if offline else logdir / "train_episodes"
+    if offline and not replay_dir.is_dir():
+        raise configlib.ConfigError(f"replay.directory {replay_dir} does not exist")
+    task_envs = None
+    if make_env is None:  # built before TensorFlow loads, so a misspelt --task fails within a second
+        from dreamerv2_tf.envs import make_env as make_task_env
+        from dreamerv2_tf.envs import make_envs
+
+        task_envs = (make_envs(config.task, config.envs, config.envs_parallel, seed=config.seed, mode="train",
+                               **env_kwargs(config, "train")),
+                     make_task_env(config.task, seed=config.seed + 10**4, mode="eval", **env_kwargs(config, "eval")))
 
     # Imported after the config checks, so a refused resume fails without waiting for TensorFlow.
     import tensorflow as tf
@@ -188,9 +247,7 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
     from dreamerv2_tf.checkpoint import Checkpointer, restore_weights
     from dreamerv2_tf.distribute import Cluster
     from dreamerv2_tf.driver import Driver, random_policy
-    from dreamerv2_tf.envs import make_env as make_task_env
-    from dreamerv2_tf.envs import make_envs
-    from dreamerv2_tf.replay import Replay
+    from dreamerv2_tf.replay import Replay, space_signature
 
     cluster = cluster or Cluster("default")
     if cluster.num_replicas > 1 or cluster.num_workers > 1:
@@ -202,22 +259,28 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
     origin = "; chosen by precision auto" if config.precision == "auto" else ""
     print(f"precision: {precision} ({dtypes[precision]}{origin})")
 
-    offline = bool(config.replay.directory)
-    replay_dir = Path(config.replay.directory).expanduser() if offline else logdir / "train_episodes"
-    if offline and not replay_dir.is_dir():
-        raise configlib.ConfigError(f"replay.directory {replay_dir} does not exist")
-    train_replay = Replay(replay_dir, config.replay.capacity, config.replay.minlen, config.replay.maxlen,
-                          config.replay.prioritize_ends, seed=config.seed)
-    eval_replay = Replay(logdir / "eval_episodes", capacity=max(1, config.eval_eps) * 10**5, seed=config.seed,
-                         load=False)
-    if make_env is None:
-        train_envs = make_envs(config.task, config.envs, config.envs_parallel, seed=config.seed, mode="train",
-                               **env_kwargs(config, "train"))
-        eval_env = make_task_env(config.task, seed=config.seed + 10**4, mode="eval", **env_kwargs(config, "eval"))
-    else:
+    if task_envs is not None:
+        train_envs, eval_env = task_envs
+    else:  # a caller's env_fn: built after seeding, in case it draws from the global RNGs
         train_envs = [make_env(config.seed + i, "train") for i in range(config.envs)]
         eval_env = make_env(config.seed + 10**4, "eval")
     obs_space, act_space = eval_env.obs_space, eval_env.act_space
+    # Episodes must fit the env's spaces: a file that does not is skipped, a folder of another task's
+    # episodes is refused with one line (instead of a Keras shape error at the first update).
+    signature = space_signature(obs_space, act_space)
+    try:
+        train_replay = Replay(replay_dir, config.replay.capacity, config.replay.minlen, config.replay.maxlen,
+                              config.replay.prioritize_ends, seed=config.seed, sample=config.replay.sample,
+                              signature=signature)
+    except BaseException:
+        for env in [*train_envs, eval_env]:
+            env.close()
+        raise
+    eval_replay = Replay(logdir / "eval_episodes", capacity=max(1, config.eval_eps) * 10**5, seed=config.seed,
+                         load=False, signature=signature)
+    # Written only now that the config and the task are known to work, so a refused start leaves no
+    # config.yaml that the corrected command would then be checked against.
+    config.save(saved_path)
 
     with cluster.scope():  # variables mirrored on every replica
         agent = Agent(obs_space, act_space, config, precision)
@@ -233,14 +296,19 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         print(f"initialised weights from {restore_weights(config.from_checkpoint, agent)}")
     cluster.broadcast(agent)  # workers continue from the chief's weights (a no-op on one worker)
 
-    step = Counter(_resume_step(logdir, None if offline else replay_dir, int(saved_step.numpy())))
+    step = Counter(_resume_step(logdir, None if offline else replay_dir, int(saved_step.numpy()),
+                                train_replay.file_lengths()))
     if step.value:
         print(f"continuing at agent step {step.value:,}")
 
+    divergence = DivergenceCheck(precision, lambda: checkpointer.latest)
+
     def save() -> None:
+        divergence.check_weights(network_variables(agent))  # never replace a good checkpoint by a NaN one
         saved_step.assign(step.value)
         checkpointer.save(step.value)
 
+    save_hook.append(save)  # run() tries it when a write fails (disk full) before reporting the error
     # Only the chief's logs describe the run: other workers' metrics.jsonl would look like extra runs to
     # scripts/scores.py and scripts/plot.py, so they log to a temporary directory (and their terminal).
     log_dir = logdir if cluster.is_chief else Path(tempfile.mkdtemp(prefix="dreamerv2_worker_logs_"))
@@ -277,11 +345,12 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
         if cluster.agree(not resumed and not stop.requested, "chief") and cluster.agree(not stop.requested):
             print(f"pretraining for {config.pretrain} updates")
             for _ in range(config.pretrain):
-                agent.train(next(dataset))
+                result = agent.train(next(dataset), step.value)
+                divergence(result, int(agent.step.numpy()))
         updates = int(agent.step.numpy())
         should_train = Every(config.train_every, step.value)
         should_log = Every(config.log_every, step.value)
-        should_eval = Every(config.eval_every)
+        should_eval = Every(config.eval_every, _last_eval_step(logdir, config.train_every))  # resumes the schedule
         should_save = Every(config.checkpoint_every, step.value)
         mode = lambda: "explore" if step.value < config.expl_until else "train"  # noqa: E731
         policy = lambda obs, state: agent.policy(obs, state, mode())  # noqa: E731
@@ -301,8 +370,10 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
             else:
                 train_driver(policy, steps=config.train_every)
             if cluster.agree(should_train(step.value), "chief"):
-                for _ in range(config.train_steps):
-                    for key, value in agent.train(next(dataset)).items():
+                for index in range(config.train_steps):
+                    # Checked after every update, so a non-finite state is never saved or trained on.
+                    result = divergence(agent.train(next(dataset), step.value), updates + index + 1)
+                    for key, value in result.items():
                         metrics[key].append(value)
                 updates += config.train_steps
             if should_log(step.value):
@@ -334,24 +405,121 @@ class Counter:
         self.value += amount
 
 
-def _resume_step(logdir: Path, replay_dir: Path | None, saved: int) -> int:
+def network_variables(agent: Any) -> list[Any]:
+    """The weights of the agent's networks (world model, actor, critic, slow critic).
+
+    Keras 3 variables are not tf.Variables, so `agent.trainable_variables` does not list them.
+    """
+    variables = list(agent.wm.variables_to_train)
+    for name in ("actor", "critic", "slow_critic"):
+        network = getattr(agent.ac, name, None)
+        variables += list(network.weights) if network is not None else []
+    return variables
+
+
+def nonfinite_variables(variables: Sequence[Any]) -> list[str]:
+    """Paths of the variables holding NaN or inf."""
+    return [getattr(variable, "path", None) or variable.name for variable in variables
+            if not np.isfinite(np.asarray(variable.numpy(), np.float64)).all()]
+
+
+class Diverged(ValueError):
+    """Training went non-finite; the run stopped without saving. Scripts exit with status 1."""
+
+    exit_status = 1
+
+
+class DivergenceCheck:
+    """Stops a run whose updates go non-finite, before the bad state can be saved or trained on.
+
+    Called with the metrics of each update: in float32 (and bfloat16) any non-finite `*_loss` or
+    `*_grad_norm` raises Diverged, since the update has already written NaN into the weights. In float16
+    the loss scaler skips an update with non-finite gradients (a non-finite `*_grad_norm`, counted in
+    `*_skipped_updates`) and leaves the weights as they were; only `max_skipped` skipped updates in a
+    row of one optimizer stop the run. Returns the metrics as floats: they are fetched anyway for
+    logging, and fetching them per update costs a few microseconds each.
+    """
+
+    def __init__(self, precision: str, last_checkpoint: Callable[[], str | None],
+                 max_skipped: int = MAX_SKIPPED_IN_A_ROW):
+        self.scaled = precision == "16"
+        self.last_checkpoint = last_checkpoint
+        self.max_skipped = max_skipped
+        self.update = 0
+        self._skipped_in_a_row: dict[str, int] = collections.Counter()
+
+    def __call__(self, metrics: Mapping[str, Any], update: int) -> dict[str, float]:
+        values = {key: float(value) for key, value in metrics.items()}
+        self.update = update
+        bad = [key for key, value in values.items()
+               if key.endswith(("_loss", "_grad_norm")) and not math.isfinite(value)]
+        if not self.scaled:
+            if bad:
+                self._stop(f"non-finite {', '.join(bad)}")
+            return values
+        for key, value in values.items():
+            if key.endswith("_grad_norm"):
+                name = key[:-len("_grad_norm")]
+                self._skipped_in_a_row[name] = 0 if math.isfinite(value) else self._skipped_in_a_row[name] + 1
+        over = sorted(name for name, count in self._skipped_in_a_row.items() if count > self.max_skipped)
+        if over:
+            count = max(self._skipped_in_a_row[name] for name in over)
+            self._stop(f"the float16 loss scaler skipped {count} updates in a row (non-finite gradients) for "
+                       f"the {', '.join(over)} optimizer{'s' if len(over) > 1 else ''}; non-finite "
+                       f"{', '.join(bad) or 'gradients'}")
+        return values
+
+    def check_weights(self, variables: Sequence[Any]) -> None:
+        """Raise Diverged when a weight is NaN or inf (checked before every save)."""
+        bad = nonfinite_variables(variables)
+        if bad:
+            self._stop(f"non-finite weights in {len(bad)} variables, e.g. {bad[0]}")
+
+    def _stop(self, what: str) -> None:
+        latest = self.last_checkpoint()
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been saved yet"
+        raise Diverged(f"training diverged at update {self.update:,}: {what}; stopped without saving, {where}")
+
+
+def _resume_step(logdir: Path, replay_dir: Path | None, saved: int, known: Mapping[str, int] | None = None) -> int:
     """The agent step a (resumed) run continues from.
 
     Steps of an episode still running at a crash are not on disk, so the step
     counted from episode files can lag the one a checkpoint or a log line
     already reached; the largest of the three keeps steps in metrics.jsonl and
-    TensorBoard increasing.
+    TensorBoard increasing. `known` holds the lengths the replay read (see
+    `_episode_lengths`).
     """
-    candidates = [saved, sum(_episode_lengths(replay_dir)) if replay_dir is not None else 0]
+    candidates = [saved, sum(_episode_lengths(replay_dir, known)) if replay_dir is not None else 0]
     if (logdir / METRICS_FILE).is_file():
         candidates += [int(record.get("step", 0)) for record in read_metrics(logdir, null_as_nan=False)]
     return max(candidates)
 
 
-def _episode_lengths(directory: Path) -> list[int]:
-    """Episode lengths (agent steps) from file names `<time>-<id>-<length>.npz`."""
-    lengths = (filename_length(path) for path in directory.glob("*.npz"))
-    return [length - 1 for length in lengths if length is not None]
+def _episode_lengths(directory: Path, known: Mapping[str, int] | None = None) -> list[int]:
+    """Episode lengths (agent steps) of the episode files in `directory`.
+
+    A file the replay read counts with the length it loaded (`known`, from `Replay.file_lengths`; 0 for
+    a file it skipped), so a damaged or foreign file never adds steps. Files it did not read (beyond its
+    capacity) count by their name, and only names of the replay's own form `<time>-<id>-<length>.npz`.
+    """
+    known = known or {}
+    lengths = (known[path.name] if path.name in known else filename_length(path)
+               for path in directory.glob("*.npz"))
+    return [length - 1 for length in lengths if length]
+
+
+def _last_eval_step(logdir: Path, train_every: int) -> int | None:
+    """The agent step of the last logged evaluation, so a resumed run continues the eval schedule.
+
+    Eval metrics are written with the step of the next log line, which comes at least one collection
+    (`train_every` steps) after the evaluation at the top of the loop. None when none was logged.
+    """
+    if not (logdir / METRICS_FILE).is_file():
+        return None
+    steps = [int(record.get("step", 0)) for record in read_metrics(logdir, null_as_nan=False)
+             if "eval_return" in record]
+    return max(max(steps) - max(train_every, 1), 0) if steps else None
 
 
 def _prefill(config, driver, policy, step: Counter, stop: Stop, replay) -> None:
@@ -360,18 +528,92 @@ def _prefill(config, driver, policy, step: Counter, stop: Stop, replay) -> None:
         return
     progress = Progress(config.prefill, "prefill", initial=step.value)
     while (step.value < config.prefill or not replay.num_episodes) and not stop.requested:
+        if not replay.num_episodes and replay.refused_episodes >= PREFILL_REFUSED_LIMIT:
+            # Every episode so far had NaN or inf values: waiting for a clean one could take forever.
+            raise ValueError(f"the environment's first {replay.refused_episodes} episodes all held non-finite "
+                             f"values (see the warnings above), so {replay.directory} has none to train on")
         driver(policy, steps=max(1, min(100, config.prefill - step.value)))
         progress.update_to(step.value)
     progress.close()
     driver.reset()
 
 
+class RunError(RuntimeError):
+    """A run that cannot start or had to stop for a reason outside its config; one line, `exit_status`."""
+
+    def __init__(self, message: str, exit_status: int = 1):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def _create_logdir(logdir: Path) -> Path | None:
+    """Create `logdir` and its missing parents; returns the topmost directory created (None: it existed).
+
+    A path that is, or lies under, something other than a directory is refused naming that path.
+    """
+    missing = None
+    for path in (logdir, *logdir.parents):
+        if path.is_dir():
+            break
+        if path.exists() or path.is_symlink():
+            kind = "a file" if path.is_file() else "not a directory"
+            where = "is" if path == logdir else f"lies under {path}, which is"
+            raise configlib.ConfigError(f"--logdir {logdir} {where} {kind}; give a directory")
+        missing = path
+    if missing is None:
+        return None
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create logdir {logdir}: {exc.strerror or exc}", 2) from None
+    return missing
+
+
+def _holds_only(directory: Path, lock_file: Path) -> bool:
+    """Whether `directory` holds nothing but (empty) directories and the lock file."""
+    return all(path == lock_file or path.is_dir() for path in directory.rglob("*"))
+
+
+def _stopped_by_os_error(exc: OSError, save: Callable[[], None], logdir: Path) -> BaseException:
+    """A write failed during the run (disk full, ...): try to save, then report both in one line.
+
+    Nothing on disk is damaged by the failed write: checkpoints and episodes are renamed into place
+    only when complete and metrics.jsonl gets whole lines, so the run can resume once there is space.
+    """
+    if exc.errno is None:  # not from the OS: a message of ours, reported as it is
+        return exc
+    cause = f"{exc.strerror or exc} ({exc.filename or f'writing in {logdir}'})"
+    try:
+        save()
+    except Exception as again:  # noqa: BLE001 - the first error is the one to report
+        text = _os_error_text(again) if isinstance(again, OSError) else str(again).splitlines()[0]
+        outcome = f"saving a checkpoint failed too ({text}); the checkpoints saved before are intact"
+    else:
+        outcome = "saved a checkpoint before stopping"
+    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "stopped"
+    return RunError(f"{what}: {cause}; {outcome}", 1)
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = configlib.from_cli(argv, prog="train.py")
     try:
         run(config)
-    except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
-        configlib.fail(str(exc))
+    except Aborted as exc:  # a second Ctrl-C / SIGTERM
+        configlib.fail(str(exc), exc.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C before the loop could turn it into a stop request
+        configlib.fail("interrupted (SIGINT) before training started; nothing was saved", 128 + signal.SIGINT)
+    except (configlib.ConfigError, ValueError, LogdirInUse, RunError) as exc:
+        configlib.fail(str(exc), getattr(exc, "exit_status", 2))
+    except FileNotFoundError as exc:  # ours name the missing thing; the OS's name the path
+        configlib.fail(_os_error_text(exc), 2)
+    except OSError as exc:
+        configlib.fail(_os_error_text(exc), 1)
     sys.exit(0)
 
 

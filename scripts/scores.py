@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,16 +56,33 @@ def collect(args: argparse.Namespace) -> tuple[list[S.Score], list[S.Curve], lis
     scores, empty, skipped = [], [], []
     for text in args.inputs:
         name, path = S.split_label(text, args.name)
-        if path.is_file() and path.suffix.lower() == ".csv":
-            scores += S.scores_from_csv(path, name)
-        elif path.is_file():
-            raise S.ScoreError(f"{path} is a file but not a .csv; give a run logdir, a folder of runs or a CSV")
-        else:
-            found, none_yet, other = S.scores_from_logdirs([path], name, args.metric, args.last)
-            scores += found
-            empty += none_yet
-            skipped += other
+        try:
+            if path.is_file() and path.suffix.lower() == ".csv":
+                scores += S.scores_from_csv(path, name)
+            elif path.is_file():
+                raise S.ScoreError(f"{path} is a file but not a .csv; give a run logdir, a folder of runs or a CSV")
+            else:
+                found, none_yet, other = S.scores_from_logdirs([path], name, args.metric, args.last)
+                scores += found
+                empty += none_yet
+                skipped += other
+        except UnicodeDecodeError as exc:
+            raise not_text_error(path, exc) from None
     return scores, empty, skipped
+
+
+def not_text_error(path: Path, exc: UnicodeDecodeError) -> S.ScoreError:
+    """The one-line error for a binary file among the inputs, naming the file (the exception does not)."""
+    files = [path] if path.is_file() else [
+        logdir / name for logdir in S.find_logdirs(path) for name in (S.CONFIG_FILE, S.METRICS_FILE)]
+    for file in files:
+        try:
+            file.read_text()
+        except UnicodeDecodeError as found:
+            return S.ScoreError(f"{file} is not a text file (binary data at byte {found.start})")
+        except OSError:
+            continue
+    return S.ScoreError(f"{path}: not text ({exc.reason})")
 
 
 def missing_report(grouped: dict) -> dict[str, dict[str, list[str]]]:

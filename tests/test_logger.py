@@ -275,3 +275,70 @@ def test_progress_uses_a_tqdm_bar_on_a_tty():
         progress.update(5)
     text = out.getvalue()
     assert "\r" in text and "train:  50%" in text and "25/50" in text
+
+
+def test_progress_past_its_total_caps_at_100_percent_and_stays_short():
+    # A prefill of 100 steps that ends in a 4,235-step episode used to print a line per driver call.
+    out = io.StringIO()
+    progress = Progress(total=100, desc="prefill", file=out)
+    for _ in range(42):
+        progress.update(100)
+    progress.update_to(4235)
+    progress.close()
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) <= 11, lines
+    percents = [int(line.split(":")[1].split("%")[0]) for line in lines]
+    assert max(percents) == 100 and lines[-1].startswith("prefill: 100% 4,235/100 steps")
+
+
+def test_progress_prints_at_most_about_ten_lines_for_many_small_updates():
+    out = io.StringIO()
+    with Progress(total=1000, desc="train", file=out) as progress:
+        for _ in range(1500):
+            progress.update(1)
+    lines = out.getvalue().strip().splitlines()
+    assert 10 <= len(lines) <= 11 and all("%" in line for line in lines)
+    assert all(int(line.split(":")[1].split("%")[0]) <= 100 for line in lines)
+
+
+def test_failed_metrics_write_leaves_only_whole_lines(tmp_path, monkeypatch):
+    # The disk fills up in the middle of a line: the part already written is taken back.
+    log = Logger(tmp_path, Counter(1), tensorboard=False, terminal=False)
+    log.scalar("a", 1.0)
+    log.write()
+    real_write = logger_module.os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logger_module.os, "write", half_then_full)
+    log.scalar("a", 2.0)
+    with pytest.raises(OSError) as error:
+        log.write()
+    assert error.value.errno == 28 and error.value.filename == str(tmp_path / "metrics.jsonl")
+    assert [line["a"] for line in strict_lines(tmp_path / "metrics.jsonl")] == [1.0]
+    monkeypatch.setattr(logger_module.os, "write", real_write)  # space again: logging continues
+    log.scalar("a", 3.0)
+    log.write()
+    assert [line["a"] for line in strict_lines(tmp_path / "metrics.jsonl")] == [1.0, 3.0]
+
+
+def test_metrics_on_a_really_full_disk_keep_whole_lines(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        log = Logger(mount, Counter(0), tensorboard=False, terminal=False)
+        with pytest.raises(OSError) as error:
+            for step in range(10**5):
+                log._step_source.value = step
+                log.add({f"loss_{index}": float(step) for index in range(20)})
+                log.write()
+        assert error.value.errno == 28 and str(mount) in error.value.filename
+        lines = strict_lines(mount / "metrics.jsonl")
+        assert len(lines) > 5 and [line["step"] for line in lines] == list(range(len(lines)))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -292,7 +292,7 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
     assert len(agent_keys) > 50 and set(agent_keys) == {key for key in loaded if key.startswith("agent/")}
     # Network weights are copied; optimizer state and update counters start afresh from the new config.
     fresh = [key for key in agent_keys if "_opt/" in key or "/opt/" in key or key.startswith(
-        ("agent/step/", "agent/ac/updates/"))]
+        ("agent/step/", "agent/env_step/", "agent/ac/updates/"))]
     weights = [key for key in agent_keys if key not in fresh]
     assert len(weights) > 20 and any(key.startswith("agent/wm/rssm/") for key in weights)
     for key in weights:
