@@ -189,6 +189,7 @@ def run(config: configlib.Config, make_env: Callable[[int, str], Any] | None = N
 
     One process per logdir: while a run holds LOGDIR/run.lock, another is refused with LogdirInUse.
     """
+    configlib.validate(config)  # configs from Python (train(..., steps=-1)) are checked like CLI ones
     cluster = None
     if config.strategy != "default":
         # Created before anything else touches TensorFlow: multi_worker configures the runtime.

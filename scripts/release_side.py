@@ -167,13 +167,13 @@ def run(work: pathlib.Path, path: str) -> None:
     agent_module, common = load_release(path)
     import gym
     import tensorflow as tf
-    from tensorflow.keras import mixed_precision as prec
+    import tf_keras
 
     replace_sampling_by_modes()
     config = release_config(common, pathlib.Path(path) / "dreamerv2", request["config"])
     tf.config.run_functions_eagerly(False)
     if config.precision == 16:
-        prec.set_policy(prec.Policy("mixed_float16"))
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
     spec = request["spec"]
     flag = gym.spaces.Box(0, 1, (), bool)
     obs_space = {key: gym.spaces.Box(0, 255, tuple(shape), np.uint8) if len(shape) == 3 else

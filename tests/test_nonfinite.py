@@ -352,3 +352,13 @@ def test_prefill_gives_up_when_every_episode_is_nonfinite(tmp_path):
     with pytest.warns(RuntimeWarning, match="not stored"), pytest.raises(ValueError, match="non-finite"):
         trainlib._prefill(config, driver, None, step, trainlib.Stop(), replay)
     assert replay.refused_episodes == trainlib.PREFILL_REFUSED_LIMIT and not list(tmp_path.glob("*.npz"))
+
+
+def test_python_api_refuses_invalid_values_before_writing(tmp_path):
+    from dreamerv2_tf import config as configlib
+    from dreamerv2_tf.training import train
+
+    logdir = tmp_path / "run"
+    with pytest.raises(configlib.ConfigError, match="steps"):
+        train(config={"logdir": str(logdir), "task": "gym_CartPole-v1"}, steps=-1)
+    assert not logdir.exists()
