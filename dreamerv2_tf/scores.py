@@ -349,3 +349,17 @@ def split_label(text: str, default: str) -> tuple[str, Path]:
     if sep and name and rest and not Path(text).expanduser().exists():
         return name, Path(rest).expanduser()
     return default, Path(text).expanduser()
+
+
+def not_text_error(path: Path, exc: UnicodeDecodeError) -> ScoreError:
+    """The one-line error for a binary file among the inputs, naming the file (the exception does not)."""
+    files = [path] if path.is_file() else [
+        logdir / name for logdir in find_logdirs(path) for name in (CONFIG_FILE, METRICS_FILE)]
+    for file in files:
+        try:
+            file.read_text()
+        except UnicodeDecodeError as found:
+            return ScoreError(f"{file} is not a text file (binary data at byte {found.start})")
+        except OSError:
+            continue
+    return ScoreError(f"{path}: not text ({exc.reason})")

@@ -14,7 +14,8 @@ Prints one JSON object: for each quantity (loss terms, KL, latent statistics, im
 targets, actor and critic losses, entropy, the gradients of each module, the weights of each module after one
 update and after `--updates` updates) the largest absolute difference `abs` and `rel` = abs / (largest
 absolute value of the release's tensor); for modules, the largest over their variables and the variable with
-the largest `rel` (`worst`). `ok` is true when every tensor has rel <= 1e-4 or abs <= 1e-6.
+the largest `rel` (`worst`), over the entries finite in both (`nonfinite` counts the others). `ok` is true when
+every tensor is finite and has rel <= 1e-4 or abs <= 1e-6.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from release_side import make_batch, replace_sampling_by_modes
+from release_side import gradients, make_batch, replace_sampling_by_modes
 
 from dreamerv2_tf import config as configlib
 
@@ -171,7 +172,8 @@ def run_ours(config: configlib.Config, spec: Mapping, release: Mapping, updates:
     model_names = [k for k in named if k.split("/")[0] in ("encoder", "rssm", *wm.heads)]
     with tf.GradientTape() as tape:
         model_loss, _, outputs, metrics = wm.loss(data)
-    grads = tape.gradient(model_loss, [named[k][0] for k in model_names])
+    scale = 2.0**15 if precision == "16" else 1.0
+    grads = gradients(tape, model_loss, [named[k][0] for k in model_names], scale)
     out.update({f"grad/{k}": named[k][1](_numpy(g)) for k, g in zip(model_names, grads, strict=True)})
     out["loss/model"] = model_loss
     out.update({f"loss/{k[:-5]}": v for k, v in metrics.items() if k.endswith("_loss")})
@@ -189,7 +191,7 @@ def run_ours(config: configlib.Config, spec: Mapping, release: Mapping, updates:
         critic_loss = ac.critic_loss(seq, target)
     for module, tape_, loss in (("actor", actor_tape, actor_loss), ("critic", critic_tape, critic_loss)):
         names = [k for k in named if k.split("/")[0] == module]
-        grads = tape_.gradient(loss, [named[k][0] for k in names])
+        grads = gradients(tape_, loss, [named[k][0] for k in names], scale)
         out.update({f"grad/{k}": named[k][1](_numpy(g)) for k, g in zip(names, grads, strict=True)})
     out.update({f"imag/{k}": seq[k] for k in ("feat", "action", "discount", "weight")})
     out.update({"imag/reward": reward, "target": target, "loss/actor": actor_loss, "loss/critic": critic_loss,
@@ -213,12 +215,17 @@ def _numpy(value) -> np.ndarray:
 
 
 def difference(ours: np.ndarray, theirs: np.ndarray) -> dict:
+    """abs and rel over the entries finite in both; counts of non-finite entries where there are any."""
     if ours.shape != theirs.shape:
         raise RuntimeError(f"shapes differ: ours {ours.shape}, the release's {theirs.shape}")
-    diff = float(np.max(np.abs(ours.astype(np.float64) - theirs))) if ours.size else 0.0
-    scale = float(np.max(np.abs(theirs))) if theirs.size else 0.0
+    finite = np.isfinite(ours) & np.isfinite(theirs)
+    diff = float(np.max(np.abs(ours[finite].astype(np.float64) - theirs[finite]))) if finite.any() else 0.0
+    scale = float(np.max(np.abs(theirs[finite]))) if finite.any() else 0.0
     rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-    return {"abs": diff, "rel": rel, "ok": bool(rel <= REL_TARGET or diff <= ABS_TARGET)}
+    out = {"abs": diff, "rel": rel, "ok": bool(finite.all() and (rel <= REL_TARGET or diff <= ABS_TARGET))}
+    if not finite.all():
+        out["nonfinite"] = {"ours": int(np.sum(~np.isfinite(ours))), "release": int(np.sum(~np.isfinite(theirs)))}
+    return out
 
 
 def compare(ours: Mapping, theirs: Mapping) -> dict:
@@ -236,6 +243,9 @@ def compare(ours: Mapping, theirs: Mapping) -> dict:
     for group, diffs in grouped.items():
         worst = max(diffs, key=lambda d: d["rel"])
         out[group] = {"abs": max(d["abs"] for d in diffs), "rel": worst["rel"], "ok": all(d["ok"] for d in diffs)}
+        counts = [d["nonfinite"] for d in diffs if "nonfinite" in d]
+        if counts:
+            out[group]["nonfinite"] = {side: sum(c[side] for c in counts) for side in ("ours", "release")}
         if len(diffs) > 1:
             out[group]["worst"] = worst["name"].split("/", 1)[1]
     return out

@@ -87,7 +87,7 @@ def load_curves(args: argparse.Namespace) -> dict[tuple[str, str], list[S.Curve]
             try:
                 curve = S.read_curve(logdir, args.metric)
             except UnicodeDecodeError as exc:
-                raise not_text_error(logdir, exc) from None
+                raise S.not_text_error(logdir, exc) from None
             keys |= curve.keys
             if len(curve.value):
                 groups.setdefault((name, curve.task), []).append(curve)
@@ -107,20 +107,6 @@ def load_curves(args: argparse.Namespace) -> dict[tuple[str, str], list[S.Curve]
     if empty:
         print(f"note: skipped {len(empty)} runs without '{args.metric}' values", file=sys.stderr)
     return groups
-
-
-def not_text_error(path: Path, exc: UnicodeDecodeError) -> S.ScoreError:
-    """The one-line error for a binary file among the inputs, naming the file (the exception does not)."""
-    files = [path] if path.is_file() else [
-        logdir / name for logdir in S.find_logdirs(path) for name in (S.CONFIG_FILE, S.METRICS_FILE)]
-    for file in files:
-        try:
-            file.read_text()
-        except UnicodeDecodeError as found:
-            return S.ScoreError(f"{file} is not a text file (binary data at byte {found.start})")
-        except OSError:
-            continue
-    return S.ScoreError(f"{path}: not text ({exc.reason})")
 
 
 def bin_curve(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -95,6 +95,18 @@ def replace_sampling_by_modes() -> None:
         cls._sample_n = mode_sample
 
 
+def gradients(tape, loss, variables: list, scale: float) -> list:
+    """Gradients of `loss`, computed for `scale` * loss and divided by it again.
+
+    Under mixed float16 both agents scale their losses (by 2**15 at first) so that small gradients in
+    float16 layers do not underflow; the compared gradients are computed the same way.
+    """
+    import tensorflow as tf
+
+    grads = tape.gradient(loss, variables, output_gradients=tf.constant(scale, loss.dtype))
+    return [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
+
+
 # ---- the release --------------------------------------------------------------------------------------
 
 
@@ -197,7 +209,8 @@ def run(work: pathlib.Path, path: str) -> None:
         model_loss, _, outs, metrics = wm.loss(data)
     model_modules = {"encoder": wm.encoder, "rssm": wm.rssm, **{name: head for name, head in wm.heads.items()}}
     model_vars = {k: v for name, module in model_modules.items() for k, v in named_weights(module, name).items()}
-    grads = tape.gradient(model_loss, list(model_vars.values()))
+    scale = 2.0**15 if config.precision == 16 else 1.0
+    grads = gradients(tape, model_loss, list(model_vars.values()), scale)
     out.update({f"grad/{k}": g for k, g in zip(model_vars, grads, strict=True)})
     out["loss/model"] = model_loss
     out.update({f"loss/{k[:-5]}": v for k, v in metrics.items() if k.endswith("_loss")})
@@ -218,7 +231,7 @@ def run(work: pathlib.Path, path: str) -> None:
     behavior_vars = {"actor": named_weights(ac.actor, "actor"), "critic": named_weights(ac.critic, "critic")}
     for name, tape_, loss in (("actor", actor_tape, actor_loss), ("critic", critic_tape, critic_loss)):
         variables = behavior_vars[name]
-        grads = tape_.gradient(loss, list(variables.values()))
+        grads = gradients(tape_, loss, list(variables.values()), scale)
         out.update({f"grad/{k}": g for k, g in zip(variables, grads, strict=True)})
     out.update({f"imag/{k}": seq[k] for k in ("feat", "action", "reward", "discount", "weight")})
     out.update({"target": target, "loss/actor": actor_loss, "loss/critic": critic_loss,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,22 +66,8 @@ def collect(args: argparse.Namespace) -> tuple[list[S.Score], list[S.Curve], lis
                 empty += none_yet
                 skipped += other
         except UnicodeDecodeError as exc:
-            raise not_text_error(path, exc) from None
+            raise S.not_text_error(path, exc) from None
     return scores, empty, skipped
-
-
-def not_text_error(path: Path, exc: UnicodeDecodeError) -> S.ScoreError:
-    """The one-line error for a binary file among the inputs, naming the file (the exception does not)."""
-    files = [path] if path.is_file() else [
-        logdir / name for logdir in S.find_logdirs(path) for name in (S.CONFIG_FILE, S.METRICS_FILE)]
-    for file in files:
-        try:
-            file.read_text()
-        except UnicodeDecodeError as found:
-            return S.ScoreError(f"{file} is not a text file (binary data at byte {found.start})")
-        except OSError:
-            continue
-    return S.ScoreError(f"{path}: not text ({exc.reason})")
 
 
 def missing_report(grouped: dict) -> dict[str, dict[str, list[str]]]:
