@@ -93,6 +93,16 @@ class Agent(tf.Module):
         self._policies = {mode: tf.function(lambda obs, state, m=mode: self._policy_step(obs, state, m))
                           for mode in POLICY_MODES}
 
+    def network_variables(self) -> list:
+        """The weights of the networks: world model, actor, critic and slow critic.
+
+        Keras 3 variables are not tf.Variables, so `tf.Module.trainable_variables` does not list them.
+        """
+        variables = list(self.wm.variables_to_train)
+        for network in {id(n): n for n in (self.ac.actor, self.ac.critic, self.ac.slow_critic)}.values():
+            variables += list(network.weights)
+        return variables
+
     def param_counts(self) -> dict[str, int]:
         count = lambda vs: int(sum(np.prod(v.shape) for v in vs))  # noqa: E731
         return {"world_model": count(self.wm.variables_to_train),
@@ -176,3 +186,9 @@ class Agent(tf.Module):
 
     def _report_step(self, data):
         return {f"openl_{key}": self.wm.video_pred(data, key) for key in self.video_keys}
+
+
+def nonfinite_variables(variables) -> list[str]:
+    """Paths of the variables holding NaN or inf."""
+    return [getattr(variable, "path", None) or variable.name for variable in variables
+            if not np.isfinite(np.asarray(variable.numpy(), np.float64)).all()]

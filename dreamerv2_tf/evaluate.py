@@ -33,11 +33,11 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
                          "in Python with dreamerv2_tf.evaluate.evaluate(logdir, env_fn=...)")
 
     # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
-    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.agent import Agent, nonfinite_variables, set_precision
     from dreamerv2_tf.checkpoint import restore_weights
     from dreamerv2_tf.driver import Driver
     from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.training import env_kwargs, network_variables, nonfinite_variables, wrap_gym_env
+    from dreamerv2_tf.training import env_kwargs, wrap_gym_env
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
     if env_fn is not None:
@@ -47,7 +47,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     agent = Agent(env.obs_space, env.act_space, config, precision)
     checkpoint = restore_weights(logdir / "checkpoints", agent)
     # A NaN policy still plays (every action the same), and its return would look like any other score.
-    bad = nonfinite_variables(network_variables(agent))
+    bad = nonfinite_variables(agent.network_variables())
     if bad:
         env.close()
         raise ValueError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} variables, e.g. {bad[0]}), "

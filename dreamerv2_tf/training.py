@@ -305,7 +305,7 @@ def _run(config: configlib.Config, make_env: Callable[[int, str], Any] | None, c
     divergence = DivergenceCheck(precision, lambda: checkpointer.latest)
 
     def save() -> None:
-        divergence.check_weights(network_variables(agent))  # never replace a good checkpoint by a NaN one
+        divergence.check_weights(agent.network_variables())  # never replace a good checkpoint by a NaN one
         saved_step.assign(step.value)
         checkpointer.save(step.value)
 
@@ -406,24 +406,6 @@ class Counter:
         self.value += amount
 
 
-def network_variables(agent: Any) -> list[Any]:
-    """The weights of the agent's networks (world model, actor, critic, slow critic).
-
-    Keras 3 variables are not tf.Variables, so `agent.trainable_variables` does not list them.
-    """
-    variables = list(agent.wm.variables_to_train)
-    for name in ("actor", "critic", "slow_critic"):
-        network = getattr(agent.ac, name, None)
-        variables += list(network.weights) if network is not None else []
-    return variables
-
-
-def nonfinite_variables(variables: Sequence[Any]) -> list[str]:
-    """Paths of the variables holding NaN or inf."""
-    return [getattr(variable, "path", None) or variable.name for variable in variables
-            if not np.isfinite(np.asarray(variable.numpy(), np.float64)).all()]
-
-
 class Diverged(ValueError):
     """Training went non-finite; the run stopped without saving. Scripts exit with status 1."""
 
@@ -472,6 +454,8 @@ class DivergenceCheck:
 
     def check_weights(self, variables: Sequence[Any]) -> None:
         """Raise Diverged when a weight is NaN or inf (checked before every save)."""
+        from dreamerv2_tf.agent import nonfinite_variables
+
         bad = nonfinite_variables(variables)
         if bad:
             self._stop(f"non-finite weights in {len(bad)} variables, e.g. {bad[0]}")

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from release_side import gradients, make_batch, replace_sampling_by_modes
+from release_side import gradients, make_batch, observation_space, replace_sampling_by_modes
 
 from dreamerv2_tf import config as configlib
 
@@ -148,11 +148,7 @@ def run_ours(config: configlib.Config, spec: Mapping, release: Mapping, updates:
     from dreamerv2_tf.agent import Agent, set_precision
 
     precision = set_precision(config.precision)
-    flag = gym.spaces.Box(0, 1, (), bool)
-    obs_space = {key: gym.spaces.Box(0, 255, tuple(shape), np.uint8) if len(shape) == 3 else
-                 gym.spaces.Box(-np.inf, np.inf, tuple(shape), np.float32) for key, shape in spec["obs"].items()}
-    obs_space.update(reward=gym.spaces.Box(-np.inf, np.inf, (), np.float32), is_first=flag, is_last=flag,
-                     is_terminal=flag)
+    obs_space = observation_space(spec, gym.spaces.Box)
     act_dim = spec["act_dim"]
     action = gym.spaces.Discrete(act_dim) if spec["discrete"] else gym.spaces.Box(-1, 1, (act_dim,), np.float32)
     agent = Agent(obs_space, {"action": action}, config, precision)

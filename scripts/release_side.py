@@ -63,6 +63,16 @@ def make_batch(spec: Mapping, batch: int, length: int, seed: int) -> dict[str, n
     return data
 
 
+def observation_space(spec: Mapping, box) -> dict:
+    """The observation space of `spec` built from `box` (gym's or gymnasium's Box): uint8 images,
+    float vectors, and the reward and episode flags."""
+    space = {key: box(0, 255, tuple(shape), np.uint8) if len(shape) == 3 else
+             box(-np.inf, np.inf, tuple(shape), np.float32) for key, shape in spec["obs"].items()}
+    flag = box(0, 1, (), bool)
+    return {**space, "reward": box(-np.inf, np.inf, (), np.float32), "is_first": flag, "is_last": flag,
+            "is_terminal": flag}
+
+
 def replace_sampling_by_modes() -> None:
     """Make every random draw of both agents deterministic and equal in both codebases.
 
@@ -187,11 +197,7 @@ def run(work: pathlib.Path, path: str) -> None:
     if config.precision == 16:
         tf_keras.mixed_precision.set_global_policy("mixed_float16")
     spec = request["spec"]
-    flag = gym.spaces.Box(0, 1, (), bool)
-    obs_space = {key: gym.spaces.Box(0, 255, tuple(shape), np.uint8) if len(shape) == 3 else
-                 gym.spaces.Box(-np.inf, np.inf, tuple(shape), np.float32) for key, shape in spec["obs"].items()}
-    obs_space.update(reward=gym.spaces.Box(-np.inf, np.inf, (), np.float32), is_first=flag, is_last=flag,
-                     is_terminal=flag)
+    obs_space = observation_space(spec, gym.spaces.Box)
     if spec["discrete"]:  # one-hot actions, as the release's OneHotAction wrapper describes them
         action = gym.spaces.Box(0, 1, (spec["act_dim"],), np.float32)
         action.n = spec["act_dim"]

@@ -211,7 +211,7 @@ from dreamerv2_tf import config as configlib
 from dreamerv2_tf.agent import Agent, set_precision
 from dreamerv2_tf.checkpoint import Checkpointer
 from dreamerv2_tf.envs import make_env
-from dreamerv2_tf.training import env_kwargs, network_variables
+from dreamerv2_tf.training import env_kwargs
 config = configlib.load_run({str(logdir)!r})
 set_precision(config.precision)
 env = make_env(config.task, seed=0, mode="eval", **env_kwargs(config, "eval"))
@@ -219,7 +219,7 @@ agent = Agent(env.obs_space, env.act_space, config)
 step = tf.Variable(0, dtype=tf.int64, trainable=False, name="agent_steps")
 checkpointer = Checkpointer({str(logdir / "checkpoints")!r}, 3, agent=agent, step=step)
 checkpointer.restore()
-variable = network_variables(agent)[0]
+variable = agent.network_variables()[0]
 variable.assign(tf.fill(variable.shape, float("nan")))
 print(checkpointer.save({BASE_STEPS + 1}))
 """
