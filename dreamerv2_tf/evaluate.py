@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from dreamerv2_tf import config as configlib
-
-CUSTOM_PREFIX = "custom_"  # config.task of runs whose env came from train(env_fn)
+from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
 
 
 def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = None, seed: int | None = None,
@@ -36,14 +35,10 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     from dreamerv2_tf.agent import Agent, nonfinite_variables, set_precision
     from dreamerv2_tf.checkpoint import restore_weights
     from dreamerv2_tf.driver import Driver
-    from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.training import env_kwargs, wrap_gym_env
+
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)
-    if env_fn is not None:
-        env = wrap_gym_env(env_fn(), config, seed, "eval")
-    else:
-        env = make_env(config.task, seed=seed, mode="eval", **env_kwargs(config, "eval"))
+    env = run_envs(config, "eval", seed, 1, env_fn)[0]
     agent = Agent(env.obs_space, env.act_space, config, precision)
     checkpoint = restore_weights(logdir / "checkpoints", agent)
     # A NaN policy still plays (every action the same), and its return would look like any other score.

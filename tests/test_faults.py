@@ -543,7 +543,7 @@ def test_stale_lock_of_a_dead_pid_is_taken_over_and_another_hosts_fresh_lock_ref
 
 
 def test_second_signal_raises_aborted_with_the_shell_exit_status():
-    from dreamerv2_tf.training import Aborted, Stop
+    from dreamerv2_tf.stop import Aborted, Stop
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Aborted) as error:

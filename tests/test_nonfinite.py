@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
+from dreamerv2_tf import divergence, rundir
 from dreamerv2_tf import training as trainlib
+from dreamerv2_tf.clocks import Counter, Every
 from dreamerv2_tf.logger import read_metrics
 from dreamerv2_tf.replay import Replay, space_signature
+from dreamerv2_tf.stop import Stop
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -195,7 +198,7 @@ def test_float16_stops_after_too_many_skipped_updates_in_a_row(tmp_path):
                    "--precision", "16", "--train_every", "5", "--eval_eps", "0")
     assert result.returncode == 1, result.stderr
     line = error_line(result)
-    skipped = trainlib.MAX_SKIPPED_IN_A_ROW + 1
+    skipped = divergence.MAX_SKIPPED_IN_A_ROW + 1
     # The pretraining update is update 1; each one is skipped, so the run stops at the 21st in a row.
     assert re.match(rf"error: training diverged at update {skipped}: the float16 loss scaler skipped {skipped} "
                     r"updates in a row \(non-finite gradients\) for the model optimizer", line), line
@@ -211,7 +214,7 @@ from dreamerv2_tf import config as configlib
 from dreamerv2_tf.agent import Agent, set_precision
 from dreamerv2_tf.checkpoint import Checkpointer
 from dreamerv2_tf.envs import make_env
-from dreamerv2_tf.training import env_kwargs
+from dreamerv2_tf.envs.configured import env_kwargs
 config = configlib.load_run({str(logdir)!r})
 set_precision(config.precision)
 env = make_env(config.task, seed=0, mode="eval", **env_kwargs(config, "eval"))
@@ -254,7 +257,7 @@ def test_junk_odd_and_nan_files_are_skipped_with_warnings_and_count_no_steps(bas
     with pytest.warns(RuntimeWarning) as caught:
         replay = Replay(logdir / "train_episodes", signature=space_signature(*CARTPOLE_SPACES))
     assert len(caught) == 3 and replay.num_episodes == len(list((logdir / "train_episodes").glob("*.npz"))) - 3
-    counted = trainlib._resume_step(logdir / "no_metrics", logdir / "train_episodes", 0, replay.file_lengths())
+    counted = rundir.resume_step(logdir / "no_metrics", logdir / "train_episodes", 0, replay.file_lengths())
     assert BASE_STEPS - 50 < counted <= BASE_STEPS  # the episode running at the end is not on disk
     assert len(list((logdir / "eval_episodes").glob("*.npz"))) == 2  # evaluations at steps 100 and 200
 
@@ -263,13 +266,13 @@ def test_eval_schedule_continues_after_resume(tmp_path):
     # Evaluations logged with the step of the next log line (at least train_every steps later).
     (tmp_path / "metrics.jsonl").write_text('{"step": 200, "eval_return": 9.0}\n{"step": 250, "eval_return": 8.0}\n'
                                             '{"step": 300, "train_return": 1.0}\n')
-    last = trainlib._last_eval_step(tmp_path, train_every=10)
-    every = trainlib.Every(100, last)  # resumed at 260: the evaluation due at 200 was done
+    last = rundir.last_eval_step(tmp_path, train_every=10)
+    every = Every(100, last)  # resumed at 260: the evaluation due at 200 was done
     assert [every(step) for step in (260, 290, 300, 340, 400)] == [False, False, True, False, True]
-    resumed_late = trainlib.Every(100, last)  # killed after 300 was passed but before its evaluation
+    resumed_late = Every(100, last)  # killed after 300 was passed but before its evaluation
     assert resumed_late(310)
-    assert trainlib._last_eval_step(tmp_path / "none", 10) is None  # a new run evaluates at once
-    assert trainlib.Every(100, None)(120)
+    assert rundir.last_eval_step(tmp_path / "none", 10) is None  # a new run evaluates at once
+    assert Every(100, None)(120)
 
 
 def test_offline_folder_of_another_action_size_is_one_line_naming_folder_and_sizes(tmp_path):
@@ -299,17 +302,17 @@ def test_step_counter_counts_only_episodes_the_replay_loaded(tmp_path):
     np.savez(lying, **cartpole_episode(11, 0.0))
     with pytest.warns(RuntimeWarning, match="junk-99999999.npz"):
         replay = Replay(episodes)
-    assert trainlib._resume_step(tmp_path, episodes, 0, replay.file_lengths()) == 20  # 2 x (11 - reset step)
+    assert rundir.resume_step(tmp_path, episodes, 0, replay.file_lengths()) == 20  # 2 x (11 - reset step)
     # Without the replay's lengths only names of the replay's own form count, and the junk name never.
-    assert trainlib._resume_step(tmp_path, episodes, 0) == 10 + 99999998
+    assert rundir.resume_step(tmp_path, episodes, 0) == 10 + 99999998
 
 
 def test_divergence_check_float32_and_float16_rules():
-    check = trainlib.DivergenceCheck("32", lambda: "/runs/x/checkpoints/ckpt-500")
+    check = divergence.DivergenceCheck("32", lambda: "/runs/x/checkpoints/ckpt-500")
     finite = {"model_loss": np.float32(1.0), "model_grad_norm": np.float32(2.0), "actor_ent": np.float32(0.5)}
     assert check(finite, 1) == {"model_loss": 1.0, "model_grad_norm": 2.0, "actor_ent": 0.5}
     check({**finite, "actor_ent": np.float32(np.nan)}, 2)  # not a loss or gradient: logged, not fatal
-    with pytest.raises(trainlib.Diverged) as caught:
+    with pytest.raises(divergence.Diverged) as caught:
         check({**finite, "kl_loss": np.float32(np.inf), "critic_grad_norm": np.float32(np.nan)}, 3)
     assert str(caught.value) == ("training diverged at update 3: non-finite kl_loss, critic_grad_norm; stopped "
                                  "without saving, the last good checkpoint is /runs/x/checkpoints/ckpt-500")
@@ -323,17 +326,17 @@ def test_divergence_check_float32_and_float16_rules():
             return self.value
 
     check.check_weights([Weight("a/kernel", [1.0, 2.0])])
-    with pytest.raises(trainlib.Diverged, match=r"non-finite weights in 1 variables, e.g. b/bias; stopped"):
+    with pytest.raises(divergence.Diverged, match=r"non-finite weights in 1 variables, e.g. b/bias; stopped"):
         check.check_weights([Weight("a/kernel", [1.0]), Weight("b/bias", [0.0, np.inf])])
 
-    scaled = trainlib.DivergenceCheck("16", lambda: None, max_skipped=3)
+    scaled = divergence.DivergenceCheck("16", lambda: None, max_skipped=3)
     skipped = {"model_loss": math.inf, "model_grad_norm": math.nan, "actor_grad_norm": 1.0}
     for update in range(1, 4):  # three skipped updates in a row are tolerated, one good one resets
         scaled(skipped, update)
     scaled({**skipped, "model_grad_norm": 5.0}, 4)
     for update in range(5, 8):
         scaled(skipped, update)
-    with pytest.raises(trainlib.Diverged, match="update 8: the float16 loss scaler skipped 4 updates in a row.*"
+    with pytest.raises(divergence.Diverged, match="update 8: the float16 loss scaler skipped 4 updates in a row.*"
                                                 "model optimizer.*no checkpoint had been saved yet"):
         scaled(skipped, 8)
 
@@ -347,10 +350,9 @@ def test_prefill_gives_up_when_every_episode_is_nonfinite(tmp_path):
         step.increment(steps)
 
     driver.reset = lambda: None
-    step = trainlib.Counter(0)
-    config = type("Config", (), {"prefill": 20})()
+    step = Counter(0)
     with pytest.warns(RuntimeWarning, match="not stored"), pytest.raises(ValueError, match="non-finite"):
-        trainlib._prefill(config, driver, None, step, trainlib.Stop(), replay)
+        trainlib.prefill(driver, None, step, replay, 20, Stop())
     assert replay.refused_episodes == trainlib.PREFILL_REFUSED_LIMIT and not list(tmp_path.glob("*.npz"))
 
 

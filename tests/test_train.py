@@ -24,8 +24,12 @@ import numpy as np
 import pytest
 
 from dreamerv2_tf import config as configlib
+from dreamerv2_tf import rundir
 from dreamerv2_tf import training as trainlib
+from dreamerv2_tf.clocks import Every
+from dreamerv2_tf.envs.configured import env_kwargs, run_envs
 from dreamerv2_tf.logger import read_metrics
+from dreamerv2_tf.stop import Stop
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -452,9 +456,10 @@ def test_train_api_builds_wrapped_gym_envs_and_names_the_logdir(monkeypatch):
         return made[-1]
 
     captured = {}
-    monkeypatch.setattr(trainlib, "run", lambda config, make: captured.update(config=config, make=make))
+    monkeypatch.setattr(trainlib, "run", lambda config, env_fn: captured.update(config=config, env_fn=env_fn))
     trainlib.train(env_fn, {"action_repeat": 2, "time_limit": 7, "seed": 5})
-    config, make = captured["config"], captured["make"]
+    config = captured["config"]
+    make = lambda seed, mode: run_envs(config, mode, seed, 1, captured["env_fn"])[0]  # noqa: E731
     assert Path(config.logdir) == Path("logdir") / "custom_gym_CartPole-v1" / "seed5"
     assert config.task == "custom_gym_CartPole-v1"
     env = make(5, "train")
@@ -477,10 +482,12 @@ def test_train_time_limit_cuts_training_episodes_only(monkeypatch):
     import gymnasium
 
     captured = {}
-    monkeypatch.setattr(trainlib, "run", lambda config, make: captured.update(make=make))
+    monkeypatch.setattr(trainlib, "run", lambda config, env_fn: captured.update(config=config, env_fn=env_fn))
     trainlib.train(lambda: gymnasium.make("CartPole-v1"), {"time_limit": 7, "train_time_limit": 3})
-    assert captured["make"](0, "train").limit == 3 and captured["make"](0, "eval").limit == 7
-    kwargs = trainlib.env_kwargs(configlib.build(["defaults"], {"time_limit": 7, "train_time_limit": 3}), "eval")
+    config, env_fn = captured["config"], captured["env_fn"]
+    assert run_envs(config, "train", 0, 1, env_fn)[0].limit == 3
+    assert run_envs(config, "eval", 0, 1, env_fn)[0].limit == 7
+    kwargs = env_kwargs(configlib.build(["defaults"], {"time_limit": 7, "train_time_limit": 3}), "eval")
     assert kwargs["time_limit"] == 7
 
 
@@ -503,21 +510,21 @@ def test_gym_env_accepts_an_instance_but_no_make_kwargs_with_it():
 
 def test_check_resume_allows_run_length_keys_and_refuses_architecture():
     saved = configlib.build(["defaults", "debug"])
-    assert trainlib.check_resume(saved, saved) == []
-    assert trainlib.check_resume(saved, saved.update({"steps": 9000, "log_every": 7})) == ["log_every", "steps"]
+    assert rundir.check_resume(saved, saved) == []
+    assert rundir.check_resume(saved, saved.update({"steps": 9000, "log_every": 7})) == ["log_every", "steps"]
     for key, value in (("rssm.deter", 64), ("task", "atari_breakout"), ("model_opt.lr", 1.0),
                        ("precision", "16"), ("encoder.cnn_depth", 8)):
         with pytest.raises(configlib.ConfigError, match=re.escape(key)):
-            trainlib.check_resume(saved, saved.update({key: value, "steps": 5}))
+            rundir.check_resume(saved, saved.update({key: value, "steps": 5}))
 
 
 def test_every_fires_on_multiples_of_the_interval():
-    every = trainlib.Every(100)
+    every = Every(100)
     assert [every(step) for step in (37, 60, 99, 100, 150, 230, 300, 301)] == [
         True, False, False, True, False, True, True, False]
-    resumed = trainlib.Every(100, last=150)  # resumed mid-interval: next at 200, not 250
+    resumed = Every(100, last=150)  # resumed mid-interval: next at 200, not 250
     assert [resumed(step) for step in (160, 199, 200, 250, 300)] == [False, False, True, False, True]
-    assert not any(trainlib.Every(0)(step) for step in range(5))
+    assert not any(Every(0)(step) for step in range(5))
 
 
 def test_episode_metrics_returns_lengths_and_log_keys():
@@ -530,8 +537,8 @@ def test_episode_metrics_returns_lengths_and_log_keys():
 
 def test_default_logdir():
     config = configlib.build(["defaults"], {"task": "atari_breakout", "seed": 4})
-    assert trainlib.default_logdir(config) == Path("logdir") / "atari_breakout" / "seed4"
-    assert trainlib.default_logdir(config.update({"logdir": "~/runs/x"})) == Path.home() / "runs" / "x"
+    assert rundir.default_logdir(config) == Path("logdir") / "atari_breakout" / "seed4"
+    assert rundir.default_logdir(config.update({"logdir": "~/runs/x"})) == Path.home() / "runs" / "x"
 
 
 def test_resume_step_is_the_largest_of_checkpoint_episodes_and_logged_steps(tmp_path):
@@ -539,17 +546,17 @@ def test_resume_step_is_the_largest_of_checkpoint_episodes_and_logged_steps(tmp_
     episodes.mkdir()
     for name in ("20240101T000000.000000-aa-51.npz", "20240101T000001.000000-bb-31.npz", "notes.txt"):
         (episodes / name).write_bytes(b"")
-    assert trainlib._resume_step(tmp_path, episodes, 0) == 80  # lengths minus the reset step
-    assert trainlib._resume_step(tmp_path, episodes, 120) == 120
+    assert rundir.resume_step(tmp_path, episodes, 0) == 80  # lengths minus the reset step
+    assert rundir.resume_step(tmp_path, episodes, 120) == 120
     (tmp_path / "metrics.jsonl").write_text('{"step": 100}\n{"step": 150}\n{"step": 1')  # a cut last line
     with pytest.warns(UserWarning, match="not a complete JSON object"):
-        assert trainlib._resume_step(tmp_path, episodes, 120) == 150
-        assert trainlib._resume_step(tmp_path, None, 0) == 150  # offline: no episode files to count
+        assert rundir.resume_step(tmp_path, episodes, 120) == 150
+        assert rundir.resume_step(tmp_path, None, 0) == 150  # offline: no episode files to count
 
 
 def test_stop_turns_sigint_into_a_flag_and_restores_the_handler():
     previous = signal.getsignal(signal.SIGINT)
-    with trainlib.Stop() as stop:
+    with Stop() as stop:
         assert not stop.requested
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
@@ -557,7 +564,7 @@ def test_stop_turns_sigint_into_a_flag_and_restores_the_handler():
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
     results = []
-    thread = threading.Thread(target=lambda: results.append(trainlib.Stop().__enter__().requested))
+    thread = threading.Thread(target=lambda: results.append(Stop().__enter__().requested))
     thread.start()
     thread.join()
     assert results == [False]  # outside the main thread signals are left alone instead of failing

@@ -1,0 +1,50 @@
+"""Stopping a run on request: the first SIGINT/SIGTERM asks for a save and a clean exit, a second aborts."""
+
+from __future__ import annotations
+
+import signal
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run ends at once, without saving (exit status 128 + signal number).
+
+    A KeyboardInterrupt, so no `except Exception` on the way out swallows it.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(f"received {signal.Signals(signum).name} again: aborted without saving")
+
+
+class Stop:
+    """Turns SIGINT/SIGTERM into a flag: the loop finishes its update, saves and exits 0.
+
+    A second signal raises Aborted: the user (or the scheduler) does not want to wait for the save.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal aborts at once
+            raise Aborted(signum)
+        print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving, exiting",
+              flush=True)
+        self.requested = True
+
+
+__all__ = ["Aborted", "Stop"]
