@@ -1,27 +1,26 @@
 """Open-loop predictions of a trained world model, as a PNG strip, a video and error numbers.
 
-For each of `count` sequences of `length` steps sampled from a run's episodes,
-the world model observes the first `context` frames through the posterior;
-from its last posterior state the prior then imagines the remaining frames
-from the recorded actions alone (open loop), and the decoder renders them
-(paper section 2.1 and Figure 2). The per-step mean squared error of the
-imagined frames is compared with a naive baseline that repeats the last
-observed frame: a model that has learned the dynamics beats it, one that
-only learned the static background does not.
+For each of `count` sequences of `length` steps sampled from a run's episodes, the world model observes
+the first `context` frames through the posterior; from its last posterior state the prior then imagines
+the remaining frames from the recorded actions alone (open loop), and the decoder renders them (paper
+section 2.1 and Figure 2). The per-step mean squared error of the imagined frames is compared with a
+naive baseline that repeats the last observed frame: a model that has learned the dynamics beats it, one
+that only learned the static background does not. For Pong, a ball tracker (balltrack) also tells
+whether the imagined ball is where the true one is.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dreamerv2_tf import balltrack
 from dreamerv2_tf import config as configlib
+from dreamerv2_tf.checkpoint import has_checkpoint
 from dreamerv2_tf.replay import EpisodeError, filename_length, load_episode
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
@@ -35,6 +34,8 @@ VIDEO_HEADER = 24
 CONTEXT_COLOR = (0, 160, 0)
 OPEN_LOOP_COLOR = (220, 0, 0)
 TRUTH_COLOR = (128, 128, 128)
+SHOW_MAX = 8  # sequences in the strip and the video unless --show says otherwise; more are unreadable
+PREDICT_BATCH = 16  # sequences per forward pass: the decoder's activations for hundreds would not fit
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,7 @@ class Prediction:
 
 def episodes_dir(logdir: Path, config: configlib.Config) -> Path:
     """The episodes the run trained on: its train_episodes/, or replay.directory for offline runs."""
-    if config.replay.directory:
-        return Path(config.replay.directory).expanduser()
-    return logdir / "train_episodes"
+    return Path(config.replay.directory).expanduser() if config.replay.directory else logdir / "train_episodes"
 
 
 def sample_sequences(directory: str | Path, count: int, length: int,
@@ -158,13 +157,15 @@ def load_world_model(logdir: Path, config: configlib.Config,
 def predict(wm, data: Mapping[str, np.ndarray], key: str, context: int,
             seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(truth, model) frames [N, T, H, W, C] as uint8: reconstructions for the first `context` steps,
-    open-loop predictions after them (WorldModel.video_pred)."""
+    open-loop predictions after them (WorldModel.video_pred), PREDICT_BATCH sequences at a time."""
     import keras
 
     keras.utils.set_random_seed(seed)  # the latent states are sampled
-    video = wm.video_pred(dict(data), key, context, count=len(data[key])).numpy()
-    height = data[key].shape[2]
-    model = video[:, :, height:2 * height]  # video_pred stacks truth, model and error along the height
+    height, batch = data[key].shape[2], PREDICT_BATCH
+    # video_pred stacks truth, model and error along the height.
+    model = np.concatenate([wm.video_pred({name: value[start:start + batch] for name, value in data.items()},
+                                          key, context, count=batch).numpy()[:, :, height:2 * height]
+                            for start in range(0, len(data[key]), batch)])
     return np.asarray(data[key], np.uint8), np.round(np.clip(model, 0, 1) * 255).astype(np.uint8)
 
 
@@ -273,8 +274,7 @@ def write_strip(path: str | Path, prediction: Prediction, every: int, error_row:
     ax.set_xlim(0, content_w)
     ax.set_ylim(content_h, 0)
     ax.set_facecolor("none")
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    ax.spines[:].set_visible(False)
     xticks = [layout.origin(0, 0, c, margins=False)[1] + cell_w / 2 for c in range(len(layout.columns))]
     ax.set_xticks(xticks, [str(t) for t in layout.columns], fontsize=8)
     names = ["truth", "model", "|error|"][:rows]
@@ -333,27 +333,23 @@ def video_frames(prediction: Prediction, scale: int = 3) -> np.ndarray:
 
 def openloop(logdir: str | Path, episodes: str | Path | None = None, context: int = 5, length: int = 50,
              count: int = 4, seed: int = 0, key: str = "image", png: str | Path | None = None,
-             video: str | Path | None = None, every: int = 5, scale: int = 3,
-             error_row: bool = False) -> dict[str, Any]:
-    """Open-loop predictions of the run in `logdir`; writes the PNG strip and the video (default:
-    LOGDIR/openloop.png and LOGDIR/openloop.gif) and returns the error numbers and file paths."""
+             video: str | Path | None = None, every: int = 5, scale: int = 3, error_row: bool = False,
+             show: int | None = None, track: str | None = None,
+             track_out: str | Path | None = None) -> dict[str, Any]:
+    """Open-loop predictions of the run in `logdir`; writes the PNG strip and the video (default: LOGDIR/
+    openloop.png and .gif) of the first `show` sequences (default: `count`, at most SHOW_MAX) and returns the
+    error numbers and file paths. `track="pong"` also scores the imagined ball in all `count` sequences
+    (balltrack.write_report), returned under "track" and saved to `track_out` (LOGDIR/track_pong.json)."""
     logdir = Path(logdir).expanduser()
-    if not logdir.is_dir():
-        raise FileNotFoundError(f"logdir {logdir} does not exist")
-    config = configlib.load_run(logdir)
-    # Checked to fail before TensorFlow loads (the files only; damaged ones are found when restoring).
-    from dreamerv2_tf.checkpoint import has_checkpoint
-
-    if not has_checkpoint(logdir / "checkpoints"):
-        raise FileNotFoundError(f"no checkpoint in {logdir / 'checkpoints'}; train the run until it saves")
-    for name, value, low in (("--context", context, 1), ("--count", count, 1), ("--every", every, 1),
-                             ("--scale", scale, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
+    config = _check_run(logdir)
+    show = min(count, SHOW_MAX) if show is None else show
+    for name, value in (("--context", context), ("--count", count), ("--every", every), ("--scale", scale),
+                        ("--show", show)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     if length <= context:
         raise ValueError(f"--length ({length}) must exceed --context ({context}) to leave steps to predict")
-    png = Path(png) if png else logdir / "openloop.png"
-    video = Path(video) if video else logdir / "openloop.gif"
+    png, video = Path(png) if png else logdir / "openloop.png", Path(video) if video else logdir / "openloop.gif"
     if png.suffix.lower() != ".png":
         raise ValueError(f"--png must end in .png, got {png}")
     if video.suffix.lower() not in VIDEO_SUFFIXES:
@@ -362,8 +358,9 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
     data, sources = sample_sequences(directory, count, length, seed)
     images = sorted(k for k, v in data.items() if v.ndim == 5)
     if key not in images:
-        raise ValueError(f"--key '{key}' is not an image key of the episodes; "
-                         f"choices: {', '.join(images) or 'none'}")
+        raise ValueError(f"--key '{key}' is not an image key of the episodes; choices: {', '.join(images) or 'none'}")
+    if track:
+        balltrack.check_run(track, config.task, data[key].shape[2:], key)
 
     # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
     wm, checkpoint = load_world_model(logdir, config, data)
@@ -372,13 +369,16 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
         raise ValueError(f"--key '{key}' is not an image key of the world model; choices: "
                          f"{', '.join(decoded) or 'none (the decoder renders no images)'}")
     truth, model = predict(wm, data, key, context, seed)
-    prediction = Prediction(truth, model, context, tuple(sources))
     result: dict[str, Any] = {
         "logdir": str(logdir), "checkpoint": checkpoint, "episodes": str(directory), "key": key,
-        "seed": seed, "count": count, "length": length, "context": context,
+        "seed": seed, "count": count, "length": length, "context": context, "png": str(png), "video": str(video),
         "sequences": [{"file": name, "start": start} for name, start in sources],
         **errors(truth, model, context),
     }
+    if track:
+        track_out = Path(track_out) if track_out else logdir / f"track_{track}.json"
+        result.update(track=balltrack.write_report(track_out, truth, model, result), track_out=str(track_out))
+    prediction = Prediction(truth[:show], model[:show], context, tuple(sources[:show]))
     for path in (png, video):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_strip(png, prediction, every, error_row,
@@ -386,30 +386,14 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
     from dreamerv2_tf.evaluate import write_video
 
     write_video(video, video_frames(prediction, scale), fps=8)
-    result.update(png=str(png), video=str(video))
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = configlib.ArgumentParser(prog="openloop.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
-    parser.add_argument("--episodes", default=None,
-                        help="directory of .npz episodes (default: the run's train episodes)")
-    parser.add_argument("--context", type=int, default=5, help="observed frames before the open-loop part")
-    parser.add_argument("--length", type=int, default=50, help="steps per sequence, context included")
-    parser.add_argument("--count", type=int, default=4, help="number of sequences")
-    parser.add_argument("--seed", type=int, default=0, help="chooses the sequences and the latent samples")
-    parser.add_argument("--key", default="image", help="image observation to predict")
-    parser.add_argument("--png", default=None, help="PNG strip (default: LOGDIR/openloop.png)")
-    parser.add_argument("--video", default=None, help=".gif or .mp4 (default: LOGDIR/openloop.gif)")
-    parser.add_argument("--every", type=int, default=5, help="PNG shows every n-th frame")
-    parser.add_argument("--scale", type=int, default=3, help="video upscaling factor")
-    parser.add_argument("--error_row", action="store_true", help="add an |error| row per sequence to the PNG")
-    args = parser.parse_args(argv)
-    try:
-        result = openloop(args.logdir, args.episodes, args.context, args.length, args.count, args.seed,
-                          args.key, args.png, args.video, args.every, args.scale, args.error_row)
-    except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
-        configlib.fail(str(exc))
-    print(json.dumps(result))
-    sys.exit(0)
+def _check_run(logdir: Path) -> configlib.Config:
+    """The run's config, once its logdir and checkpoint files are there (before TensorFlow loads)."""
+    if not logdir.is_dir():
+        raise FileNotFoundError(f"logdir {logdir} does not exist")
+    config = configlib.load_run(logdir)
+    if not has_checkpoint(logdir / "checkpoints"):
+        raise FileNotFoundError(f"no checkpoint in {logdir / 'checkpoints'}; train the run until it saves")
+    return config

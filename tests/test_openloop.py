@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from helpers import discrete_actions, make_agent, obs_space, tiny_config
 
+from dreamerv2_tf import balltrack as bt
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf import openloop as ol
 from dreamerv2_tf.replay import load_episode, save_episode
@@ -286,6 +287,84 @@ def test_unknown_key_bad_numbers_and_suffixes_exit_2(run):
     assert "--count must be at least 1" in error_line(script("--logdir", str(logdir), "--count", "0"))
 
 
+# ---- --track pong: the ball tracker's report ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pong_episodes(tmp_path_factory) -> Path:
+    """Episodes of synthetic Pong frames for --episodes: the court's levels and walls, and a one-pixel ball
+    that moves one column per step (the actions and rewards are random, as in make_episode)."""
+    directory = tmp_path_factory.mktemp("pong_episodes")
+    rng = np.random.default_rng(1)
+    for length in (30, 24, 28):
+        episode = make_episode(length, rng)
+        images = np.full((length, 64, 64, 1), 87, np.uint8)
+        images[:, 7:11], images[:, 59:] = 236, 236
+        row, col = rng.integers(15, 50), rng.integers(12, 20)
+        images[np.arange(length), row, col + np.arange(length)] = 236
+        episode["image"] = images
+        save_episode(directory, episode)
+    return directory
+
+
+def test_track_pong_reports_the_ball_per_imagined_step(run, pong_episodes, tmp_path):
+    logdir, _ = run
+    out = tmp_path / "report" / "track.json"
+    result = script("--logdir", str(logdir), "--episodes", str(pong_episodes), "--context", str(CONTEXT),
+                    "--length", str(LENGTH), "--count", "3", "--show", "1", "--seed", "2", "--png",
+                    str(tmp_path / "strip.png"), "--video", str(tmp_path / "pred.gif"), "--track", "pong",
+                    "--track_out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # still one JSON line; the table went to stderr
+    saved = json.loads(out.read_text())
+    assert report["track"] == saved and report["track_out"] == str(out)
+    steps = LENGTH - CONTEXT
+    assert saved["steps"] == list(range(1, steps + 1)) and saved["n"] == [3] * steps
+    assert saved["count"] == 3 and saved["context"] == CONTEXT and saved["checkpoint"].endswith("ckpt-7")
+    # Repeating the last observed frame misses the ball by k pixels at step k: hits up to 2 pixels.
+    assert saved["baseline_distance"] == [float(k) for k in range(1, steps + 1)]
+    assert saved["baseline_hit"] == [1.0, 1.0] + [0.0] * (steps - 2)
+    # The model's numbers are those of its predictions of the same sequences.
+    data, _ = ol.sample_sequences(pong_episodes, 3, LENGTH, seed=2)
+    wm, _ = ol.load_world_model(logdir, configlib.load_run(logdir), data)
+    truth, model = ol.predict(wm, data, "image", CONTEXT, seed=2)
+    expected = bt.openloop_report(truth, model, CONTEXT)
+    assert {name: saved[name] for name in expected} == expected
+    lines = result.stderr.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["k", "n"])
+    rows = [line.split() for line in lines[header + 1:header + 1 + steps]]
+    assert [row[:2] for row in rows] == [[str(k), "3"] for k in range(1, steps + 1)]
+    # --show 1: the strip and the video show the first sequence only, the numbers are over all 3.
+    cell = 64 * ol.PNG_SCALE
+    height = 2 * cell + ol.GAP + ol.MARGINS["top"] + ol.MARGINS["bottom"]
+    assert imageio.imread(tmp_path / "strip.png").shape[0] == height
+    assert imageio.mimread(tmp_path / "pred.gif")[0].shape[0] == ol.VIDEO_HEADER + 64 * 3 + 2 * ol.VIDEO_BORDER
+    assert len(report["sequences"]) == 3 and len(report["mse"]) == steps
+
+
+def test_track_pong_refuses_what_it_cannot_read(run, tmp_path):
+    logdir, _ = run
+    rng = np.random.default_rng(0)
+    episode = make_episode(20, rng)
+    episode["image"] = rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    (tmp_path / "rgb").mkdir()
+    save_episode(tmp_path / "rgb", episode)
+    line = error_line(script("--logdir", str(logdir), "--episodes", str(tmp_path / "rgb"), "--length", "10",
+                             "--track", "pong"))
+    assert "--track pong needs 64x64 grayscale frames (64x64x1); --key 'image' has 64x64x3" in line
+    line = error_line(script("--logdir", str(logdir), "--track", "tennis"))
+    assert "--track" in line and "invalid choice: 'tennis'" in line
+    assert "--show must be at least 1" in error_line(script("--logdir", str(logdir), "--show", "0"))
+    other = tmp_path / "breakout"
+    other.mkdir()
+    config = configlib.load_run(logdir).update({"task": "atari_breakout"})
+    config.save(other / "config.yaml")
+    (other / "checkpoints").symlink_to(logdir / "checkpoints")
+    line = error_line(script("--logdir", str(other), "--episodes", str(logdir / "train_episodes"), "--length", "10",
+                             "--track", "pong"))
+    assert "--track pong needs a run on atari_pong, this run's task is atari_breakout" in line
+
+
 @pytest.mark.slow
 def test_real_pong_run(tmp_path):
     """scripts/train.py on ALE Pong with the debug config, then the tool on its episodes (about a minute)."""
@@ -295,8 +374,12 @@ def test_real_pong_run(tmp_path):
              "--eval_every", "1000", "--logdir", str(logdir)]
     result = subprocess.run(train, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = script("--logdir", str(logdir), "--video", str(tmp_path / "pong.mp4"), "--length", "40")
+    result = script("--logdir", str(logdir), "--video", str(tmp_path / "pong.mp4"), "--length", "40",
+                    "--track", "pong")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert len(report["mse"]) == 35 and Path(report["png"]).exists()
+    # Real frames: the tracker sees the true ball in some of them, and repeating a frame keeps the ball.
+    track = json.loads((logdir / "track_pong.json").read_text())
+    assert track["steps"] == list(range(1, 36)) and sum(track["n"]) > 0 and track["baseline_distance"][0] is not None
     assert len(imageio.mimread(tmp_path / "pong.mp4")) == 40
