@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return Config
     if name == "train":
-        from dreamerv2_tf.training import train
+        from dreamerv2_tf.loop.training import train
 
         return train
     raise AttributeError(f"module 'dreamerv2_tf' has no attribute '{name}'")

@@ -38,7 +38,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf import flops as flopslib
+from dreamerv2_tf.tools import flops as flopslib
 
 BENCH_DEFAULTS = {"steps": 10, "warmup": 2, "policy_steps": 50}
 BENCH_MINIMUM = {"steps": 1, "warmup": 0, "policy_steps": 0}
@@ -238,7 +238,7 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
     import numpy as np
     import tensorflow as tf
 
-    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.algo.agent import Agent, set_precision
 
     obs_shapes, act_dim, discrete = resolve_spaces(config, options)
     batch, length, horizon = config.dataset.batch, config.dataset.length, config.imag_horizon

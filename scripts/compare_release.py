@@ -145,7 +145,7 @@ def run_ours(config: configlib.Config, spec: Mapping, release: Mapping, updates:
     import gymnasium as gym
     import tensorflow as tf
 
-    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.algo.agent import Agent, set_precision
 
     precision = set_precision(config.precision)
     obs_space = observation_space(spec, gym.spaces.Box)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     config = configlib.from_cli(rest, prog="compare_release.py")
     try:
         release_overrides(config, "32")  # settings checked before TensorFlow loads (it resolves `auto`)
-        from dreamerv2_tf.agent import resolve_precision
+        from dreamerv2_tf.algo.agent import resolve_precision
 
         precision = resolve_precision(config.precision)
         overrides = release_overrides(config, precision)

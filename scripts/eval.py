@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dreamerv2_tf.evaluate import main
+from dreamerv2_tf.loop.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dreamerv2_tf import balltrack
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf import openloop as ol
+from dreamerv2_tf.tools import balltrack
+from dreamerv2_tf.tools import openloop as ol
 
 # Set before TensorFlow loads, which happens only inside ol.openloop (the modules above do not import it).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -25,8 +25,8 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from dreamerv2_tf import scores as S
 from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"
 FORMATS = (".png", ".pdf", ".svg")

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dreamerv2_tf import scores as S
 from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"
 NO_VALUE = "—"

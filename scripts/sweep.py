@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dreamerv2_tf.config import ArgumentParser
-from dreamerv2_tf.scores import GAMES
+from dreamerv2_tf.tools.scores import GAMES
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = "scripts/train.py"

@@ -7,7 +7,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dreamerv2_tf.training import main
+from dreamerv2_tf.loop.training import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import gymnasium as gym
 import keras
 import numpy as np
 
-from dreamerv2_tf.agent import Agent, set_precision
+from dreamerv2_tf.algo.agent import Agent, set_precision
 from dreamerv2_tf.config import Config, build
 
 BOOKKEEPING = ("reward", "is_first", "is_last", "is_terminal")

@@ -14,8 +14,8 @@ from helpers import (
     tiny_config,
 )
 
-from dreamerv2_tf.agent import POLICY_MODES, resolve_precision
-from dreamerv2_tf.world_model import WorldModel
+from dreamerv2_tf.algo.agent import POLICY_MODES, resolve_precision
+from dreamerv2_tf.algo.world_model import WorldModel
 
 IMAGE = (64, 64, 1)
 SMALL = {"encoder.cnn_depth": 2, "decoder.cnn_depth": 2}
@@ -166,7 +166,7 @@ def test_agent_train_step_agrees_with_and_without_xla():
 
 def test_checkpoint_holds_every_variable_of_the_agent(tmp_path):
     """Each variable, including those of layers held in sequences and the slow critic, round-trips."""
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     def variables(agent):
         layers = [*agent.wm.modules, agent.ac.actor, agent.ac.critic, agent.ac.slow_critic]

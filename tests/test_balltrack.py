@@ -1,4 +1,4 @@
-"""Ball tracker for 64x64 grayscale Pong (dreamerv2_tf.balltrack): real frames against the emulator's RAM,
+"""Ball tracker for 64x64 grayscale Pong (dreamerv2_tf.tools.balltrack): real frames against the emulator's RAM,
 the open-loop report on frames with known answers, and its refusal of a ball that is 3 pixels off.
 
 The frames are recorded here from our env (atari_pong, seeded, random actions, a few hundred steps) with
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamerv2_tf import balltrack as bt
+from dreamerv2_tf.tools import balltrack as bt
 
 STEPS = 700
 RAM_X, RAM_Y = 49, 54  # Pong's ball x and y in its RAM; y is 0 while no ball is in play

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from helpers import discrete_actions, make_agent, obs_space, random_batch, tiny_config
 
-from dreamerv2_tf.behavior import ActorCritic, lambda_return, schedule
-from dreamerv2_tf.world_model import WorldModel
+from dreamerv2_tf.algo.behavior import ActorCritic, lambda_return, schedule
+from dreamerv2_tf.algo.world_model import WorldModel
 
 IMAGE = (64, 64, 1)
 SMALL = {"encoder.cnn_depth": 2, "decoder.cnn_depth": 2}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dreamerv2_tf import flops
 from dreamerv2_tf.config import build
+from dreamerv2_tf.tools import flops
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = str(REPO / "scripts" / "bench.py")
@@ -197,7 +197,7 @@ def test_param_counts_match_the_built_agent():
     pytest.importorskip("tensorflow")
     import keras
 
-    from dreamerv2_tf.agent import Agent, set_precision
+    from dreamerv2_tf.algo.agent import Agent, set_precision
     from dreamerv2_tf.envs import base
 
     # Layer norm everywhere, Gaussian latents, an image plus a vector, continuous actions.

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from helpers import precision
 
-from dreamerv2_tf import convs, nets
+from dreamerv2_tf.algo import convs, nets
 
 
 def random(shape, seed: int) -> tf.Tensor:

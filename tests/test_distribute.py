@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dreamerv2_tf import distribute
+from dreamerv2_tf.loop import distribute
 
 HERE = Path(__file__).resolve().parent
 # Clipping thresholds well below the gradient norms of the tiny agent: clipping must act on the
@@ -259,7 +259,7 @@ def _split_cpu(count: int) -> None:
 def _samples_are_modes():
     """Categorical samples become their (straight-through) modes, so an update is deterministic and two
     runs on the same batch must agree up to rounding."""
-    from dreamerv2_tf import dists
+    from dreamerv2_tf.algo import dists
 
     def mode_sample(self, sample_shape=(), seed=None, name="sample"):
         mode = self.mode()
@@ -331,7 +331,7 @@ def _equivalence(strategy) -> dict:
 def _replica_sampling(strategy) -> dict:
     import keras
 
-    from dreamerv2_tf import dists
+    from dreamerv2_tf.algo import dists
 
     keras.utils.set_random_seed(0)
 
@@ -349,11 +349,11 @@ def _replica_sampling(strategy) -> dict:
 def _end_to_end(strategy, tmp: Path) -> dict:
     from helpers import tiny_config
 
-    from dreamerv2_tf.agent import Agent
-    from dreamerv2_tf.checkpoint import Checkpointer
-    from dreamerv2_tf.driver import Driver, random_policy
+    from dreamerv2_tf.algo.agent import Agent
     from dreamerv2_tf.envs import make_env
-    from dreamerv2_tf.replay import Replay
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.driver import Driver, random_policy
+    from dreamerv2_tf.loop.replay import Replay
 
     config = tiny_config({"task": "gym_CartPole-v1", "log_keys_video": []})
     cluster = distribute.Cluster(strategy)
@@ -431,7 +431,7 @@ def _child_multi_worker(out: Path) -> None:
     cluster = distribute.Cluster("multi_worker")  # before any other TensorFlow operation
     from helpers import discrete_actions, make_agent, obs_space
 
-    from dreamerv2_tf.replay import Replay
+    from dreamerv2_tf.loop.replay import Replay
 
     obs, act = obs_space(None, vector=3), discrete_actions(2)
     with cluster.scope():

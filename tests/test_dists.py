@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from helpers import precision
 
-from dreamerv2_tf import dists, nets
+from dreamerv2_tf.algo import dists, nets
 
 
 def test_straight_through_sample_gradient_equals_softmax_gradient():

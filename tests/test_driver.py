@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from dreamerv2_tf.driver import Driver, random_policy
 from dreamerv2_tf.envs import make_env, make_envs
-from dreamerv2_tf.replay import Replay
+from dreamerv2_tf.loop.driver import Driver, random_policy
+from dreamerv2_tf.loop.replay import Replay
 
 
 def test_counts_and_episodes_match_the_env():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from dreamerv2_tf.driver import random_policy
 from dreamerv2_tf.envs import base, make_env, make_envs
 from dreamerv2_tf.envs.atari import GAMES, STICKY_PROB
+from dreamerv2_tf.loop.driver import random_policy
 
 FLAG_DTYPES = {"reward": np.float32, "is_first": np.bool_, "is_last": np.bool_, "is_terminal": np.bool_}
 

@@ -485,7 +485,7 @@ def test_read_only_logdir_gives_one_line(runs, tmp_path):
 
 
 def test_logdir_locked_by_a_live_process_is_refused_then_taken_over_after_kill(tmp_path):
-    holder = Run([sys.executable, "-c", "import sys, time; from dreamerv2_tf.runlock import RunLock; "
+    holder = Run([sys.executable, "-c", "import sys, time; from dreamerv2_tf.loop.runlock import RunLock; "
                   "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(tmp_path)],
                  tmp_path / "out", "holder")
     holder.wait_for("held", 60)
@@ -495,7 +495,7 @@ def test_logdir_locked_by_a_live_process_is_refused_then_taken_over_after_kill(t
     assert not (tmp_path / "config.yaml").exists()
     holder.process.kill()
     holder.result()
-    from dreamerv2_tf.runlock import RunLock
+    from dreamerv2_tf.loop.runlock import RunLock
 
     with pytest.warns(RuntimeWarning, match=f"taking over the stale lock .* of pid {holder.pid} on host"):
         with RunLock(tmp_path):
@@ -521,7 +521,7 @@ def test_scores_and_plot_on_binary_files_give_one_line(runs, tmp_path):
 
 
 def test_stale_lock_of_a_dead_pid_is_taken_over_and_another_hosts_fresh_lock_refused(tmp_path):
-    from dreamerv2_tf.runlock import LOCK_FILE, LogdirInUse, RunLock
+    from dreamerv2_tf.loop.runlock import LOCK_FILE, LogdirInUse, RunLock
 
     lock_file = tmp_path / LOCK_FILE
     pid = dead_pid()
@@ -543,7 +543,7 @@ def test_stale_lock_of_a_dead_pid_is_taken_over_and_another_hosts_fresh_lock_ref
 
 
 def test_second_signal_raises_aborted_with_the_shell_exit_status():
-    from dreamerv2_tf.stop import Aborted, Stop
+    from dreamerv2_tf.loop.stop import Aborted, Stop
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Aborted) as error:
@@ -566,7 +566,7 @@ def _module(value: float, size: int = 1000):
 
 
 def _saved(directory: Path, steps=(100, 200, 300), size: int = 1000):
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     for step in steps:
         Checkpointer(directory, 3, m=_module(float(step), size)).save(step)
@@ -584,7 +584,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_restore_falls_back_over_a_damaged_newest_checkpoint(tmp_path, damage):
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     _saved(tmp_path)
     harm, reason = DAMAGE[damage]
@@ -597,7 +597,7 @@ def test_restore_falls_back_over_a_damaged_newest_checkpoint(tmp_path, damage):
 
 def test_a_complete_checkpoint_counts_without_the_index_file(tmp_path):
     # A kill during the very first save, after the checkpoint was written but before `checkpoint` was.
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     _saved(tmp_path, steps=(500,))
     (tmp_path / "checkpoint").unlink()
@@ -613,7 +613,7 @@ def test_only_damaged_checkpoints_give_one_line_errors(tmp_path):
     import keras
     import tensorflow as tf
 
-    from dreamerv2_tf.checkpoint import Checkpointer, DamagedCheckpoint, restore_weights
+    from dreamerv2_tf.loop.checkpoint import Checkpointer, DamagedCheckpoint, restore_weights
 
     agent = tf.Module()
     agent.layer = keras.layers.Dense(3)
@@ -635,7 +635,7 @@ def test_save_on_a_full_disk_removes_its_partial_files_and_keeps_the_rest(tmp_pa
     # A tmpfs too small for a second checkpoint, else TensorFlow's own error injected mid-write.
     import tensorflow as tf
 
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     disk = tmp_path / "disk"
     disk.mkdir()

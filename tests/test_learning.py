@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dreamerv2_tf.logger import read_metrics
+from dreamerv2_tf.loop.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RANDOM_CARTPOLE = 22.0  # mean return of uniform random actions

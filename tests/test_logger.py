@@ -10,8 +10,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from dreamerv2_tf import logger as logger_module
-from dreamerv2_tf.logger import Logger, Progress, encode_gif, read_metrics
+from dreamerv2_tf.loop import logger as logger_module
+from dreamerv2_tf.loop.logger import Logger, encode_gif, read_metrics
+from dreamerv2_tf.loop.terminal import Progress
 
 
 class Counter:
@@ -225,7 +226,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
 def test_import_and_logging_without_tensorboard_do_not_load_tensorflow(tmp_path):
     code = (
         "import sys\n"
-        "from dreamerv2_tf.logger import Logger, read_metrics\n"
+        "from dreamerv2_tf.loop.logger import Logger, read_metrics\n"
         f"log = Logger({str(tmp_path)!r}, lambda: 1, tensorboard=False, terminal=False)\n"
         "log.scalar('x', 1.0); log.write(fps=True)\n"
         f"assert read_metrics({str(tmp_path)!r})[0]['x'] == 1.0\n"

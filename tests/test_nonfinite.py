@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from dreamerv2_tf import divergence, rundir
-from dreamerv2_tf import training as trainlib
-from dreamerv2_tf.clocks import Counter, Every
-from dreamerv2_tf.logger import read_metrics
-from dreamerv2_tf.replay import Replay, space_signature
-from dreamerv2_tf.stop import Stop
+from dreamerv2_tf.loop import divergence, rundir
+from dreamerv2_tf.loop import training as trainlib
+from dreamerv2_tf.loop.clocks import Counter, Every
+from dreamerv2_tf.loop.episodes import space_signature
+from dreamerv2_tf.loop.logger import read_metrics
+from dreamerv2_tf.loop.replay import Replay
+from dreamerv2_tf.loop.stop import Stop
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -211,8 +212,8 @@ def test_eval_refuses_a_checkpoint_with_nonfinite_weights(base_run, tmp_path):
     script = f"""
 import tensorflow as tf
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.agent import Agent, set_precision
-from dreamerv2_tf.checkpoint import Checkpointer
+from dreamerv2_tf.algo.agent import Agent, set_precision
+from dreamerv2_tf.loop.checkpoint import Checkpointer
 from dreamerv2_tf.envs import make_env
 from dreamerv2_tf.envs.configured import env_kwargs
 config = configlib.load_run({str(logdir)!r})
@@ -358,7 +359,7 @@ def test_prefill_gives_up_when_every_episode_is_nonfinite(tmp_path):
 
 def test_python_api_refuses_invalid_values_before_writing(tmp_path):
     from dreamerv2_tf import config as configlib
-    from dreamerv2_tf.training import train
+    from dreamerv2_tf.loop.training import train
 
     logdir = tmp_path / "run"
     with pytest.raises(configlib.ConfigError, match="steps"):

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from helpers import discrete_actions, make_agent, obs_space, tiny_config
 
-from dreamerv2_tf import balltrack as bt
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf import openloop as ol
-from dreamerv2_tf.replay import load_episode, save_episode
+from dreamerv2_tf.loop.episodes import load_episode, save_episode
+from dreamerv2_tf.tools import balltrack as bt
+from dreamerv2_tf.tools import openloop as ol
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "openloop.py"
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     """(logdir, agent): a run whose checkpoint holds the agent's weights."""
     import tensorflow as tf
 
-    from dreamerv2_tf.checkpoint import Checkpointer
+    from dreamerv2_tf.loop.checkpoint import Checkpointer
 
     logdir = tmp_path_factory.mktemp("openloop") / "run"
     (logdir / "train_episodes").mkdir(parents=True)

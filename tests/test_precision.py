@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamerv2_tf.logger import read_metrics
+from dreamerv2_tf.loop.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py"), "--configs", "defaults", "atari", "debug",

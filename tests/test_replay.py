@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from dreamerv2_tf.replay import (
+from dreamerv2_tf.loop.episodes import (
     EpisodeError,
-    Replay,
     episode_filename,
     filename_length,
     load_episode,
     save_episode,
     space_signature,
 )
+from dreamerv2_tf.loop.replay import Replay
 
 
 def make_episode(length, marker=0.0, image=True, actions=3):
@@ -215,7 +215,7 @@ def test_killed_writer_leaves_only_a_temp_file(tmp_path):
     # A separate process writes a large episode and is killed mid-write.
     script = textwrap.dedent(f"""
         import numpy as np
-        from dreamerv2_tf.replay import save_episode
+        from dreamerv2_tf.loop.episodes import save_episode
         rng = np.random.default_rng(0)
         n = 4000
         episode = {{"image": rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamerv2_tf import scores as S
+from dreamerv2_tf.tools import scores as S
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "scores.py"

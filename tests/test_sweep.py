@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamerv2_tf.scores import GAMES
+from dreamerv2_tf.tools.scores import GAMES
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "sweep.py"

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf import rundir
-from dreamerv2_tf import training as trainlib
-from dreamerv2_tf.clocks import Every
 from dreamerv2_tf.envs.configured import env_kwargs, run_envs
-from dreamerv2_tf.logger import read_metrics
-from dreamerv2_tf.stop import Stop
+from dreamerv2_tf.loop import rundir
+from dreamerv2_tf.loop import training as trainlib
+from dreamerv2_tf.loop.clocks import Every
+from dreamerv2_tf.loop.logger import read_metrics
+from dreamerv2_tf.loop.stop import Stop
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -137,7 +137,7 @@ def test_metrics_jsonl_has_returns_losses_steps_and_frames(pong_run):
 
 
 def test_scores_and_plot_scripts_read_the_real_run(pong_run, tmp_path):
-    from dreamerv2_tf import scores
+    from dreamerv2_tf.tools import scores
 
     logdir, _ = pong_run
     records = [r for r in read_metrics(logdir) if r.get("eval_return") is not None]
@@ -313,6 +313,7 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
 def test_from_checkpoint_missing_path_exits_2(tmp_path):
     result = run(train_cmd(tmp_path / "run", "--from_checkpoint", str(tmp_path / "nothing")), timeout=120)
     assert result.returncode == 2 and "no checkpoint" in error_line(result)
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
 
 
 # ---- scripts/eval.py -------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def test_python_api_trains_a_gymnasium_env_in_process(tmp_path):
     import keras
 
     import dreamerv2_tf
-    from dreamerv2_tf.evaluate import evaluate
+    from dreamerv2_tf.loop.evaluate import evaluate
 
     calls = []
 

@@ -8,12 +8,12 @@ import pytest
 import tensorflow as tf
 from helpers import discrete_actions, obs_space, precision, random_batch, tiny_config
 
-from dreamerv2_tf import nets
-from dreamerv2_tf.agent import Agent
-from dreamerv2_tf.behavior import ActorCritic
+from dreamerv2_tf.algo import nets
+from dreamerv2_tf.algo.agent import Agent
+from dreamerv2_tf.algo.behavior import ActorCritic
+from dreamerv2_tf.algo.optim import Optimizer
+from dreamerv2_tf.algo.world_model import WorldModel
 from dreamerv2_tf.config import build
-from dreamerv2_tf.optim import Optimizer
-from dreamerv2_tf.world_model import WorldModel
 
 IMAGE = (64, 64, 1)  # the decoder always produces 64x64 images
 SMALL = {"encoder.cnn_depth": 2, "decoder.cnn_depth": 2}

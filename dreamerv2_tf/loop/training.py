@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.clocks import Counter, Every
-from dreamerv2_tf.divergence import Diverged, DivergenceCheck
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
-from dreamerv2_tf.logger import Logger, Progress
-from dreamerv2_tf.rundir import (
+from dreamerv2_tf.loop.clocks import Counter, Every
+from dreamerv2_tf.loop.divergence import Diverged, DivergenceCheck
+from dreamerv2_tf.loop.logger import Logger
+from dreamerv2_tf.loop.rundir import (
     RunError,
     check_resume,
     default_logdir,
@@ -27,8 +27,9 @@ from dreamerv2_tf.rundir import (
     resume_step,
     stopped_by_os_error,
 )
-from dreamerv2_tf.runlock import LogdirInUse
-from dreamerv2_tf.stop import Aborted, Stop
+from dreamerv2_tf.loop.runlock import LogdirInUse
+from dreamerv2_tf.loop.stop import Aborted, Stop
+from dreamerv2_tf.loop.terminal import Progress
 
 # Prefill gives up when this many episodes were refused for non-finite values and none was stored.
 PREFILL_REFUSED_LIMIT = 10
@@ -70,7 +71,7 @@ def run(config: configlib.Config, env_fn: Callable[[], Any] | None = None) -> Pa
     cluster = None
     if config.strategy != "default":
         # Created before anything else touches TensorFlow: multi_worker configures the runtime.
-        from dreamerv2_tf.distribute import Cluster
+        from dreamerv2_tf.loop.distribute import Cluster
 
         cluster = Cluster(config.strategy)
         if cluster.num_workers > 1:  # every worker collects into its own logdir with its own seed
@@ -122,11 +123,15 @@ class Training:
         self.replay_dir = Path(config.replay.directory).expanduser() if self.offline else logdir / "train_episodes"
         if self.offline and not self.replay_dir.is_dir():
             raise configlib.ConfigError(f"replay.directory {self.replay_dir} does not exist")
+        from dreamerv2_tf.loop.checkpoint import has_checkpoint, weights_source
+
+        if config.from_checkpoint and not has_checkpoint(logdir / "checkpoints"):  # not resuming
+            weights_source(config.from_checkpoint)  # a wrong path fails before anything is built
         if env_fn is None:  # built before TensorFlow loads, so a misspelt --task fails within a second
             self._make_envs(None)
 
-        from dreamerv2_tf.agent import set_precision
-        from dreamerv2_tf.distribute import Cluster
+        from dreamerv2_tf.algo.agent import set_precision
+        from dreamerv2_tf.loop.distribute import Cluster
 
         self.cluster = cluster or Cluster("default")
         if self.cluster.num_replicas > 1 or self.cluster.num_workers > 1:
@@ -159,7 +164,8 @@ class Training:
         self.envs.append(self.eval_env)
 
     def _open_replays(self) -> None:
-        from dreamerv2_tf.replay import Replay, space_signature
+        from dreamerv2_tf.loop.episodes import space_signature
+        from dreamerv2_tf.loop.replay import Replay
 
         config, replay = self.config, self.config.replay
         # Episodes must fit the env's spaces: a file that does not is skipped, a folder of another task's
@@ -174,8 +180,8 @@ class Training:
     def _build_agent(self) -> None:
         import tensorflow as tf
 
-        from dreamerv2_tf.agent import Agent
-        from dreamerv2_tf.checkpoint import Checkpointer, restore_weights
+        from dreamerv2_tf.algo.agent import Agent
+        from dreamerv2_tf.loop.checkpoint import Checkpointer, restore_weights
 
         config, cluster = self.config, self.cluster
         with cluster.scope():  # variables mirrored on every replica
@@ -199,7 +205,7 @@ class Training:
         self.divergence = DivergenceCheck(self.precision, lambda: self.checkpointer.latest)
 
     def _make_drivers(self) -> None:
-        from dreamerv2_tf.driver import Driver
+        from dreamerv2_tf.loop.driver import Driver
 
         count_step = lambda transition, worker: self.step.increment(0 if transition["is_first"] else 1)  # noqa: E731
         self.train_driver = Driver(self.train_envs, on_step=[self.train_replay.add_step, count_step],
@@ -259,7 +265,7 @@ class Training:
                 and self.cluster.agree(not self.stop.requested))
 
     def prefill(self) -> None:
-        from dreamerv2_tf.driver import random_policy
+        from dreamerv2_tf.loop.driver import random_policy
 
         policy = random_policy(self.eval_env.act_space, len(self.train_envs), self.config.seed)
         prefill(self.train_driver, policy, self.step, self.train_replay, self.config.prefill, self.stop)

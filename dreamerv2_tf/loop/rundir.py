@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.logger import METRICS_FILE, read_metrics
-from dreamerv2_tf.replay import filename_length
-from dreamerv2_tf.runlock import RunLock
+from dreamerv2_tf.loop.episodes import filename_length
+from dreamerv2_tf.loop.logger import METRICS_FILE, read_metrics
+from dreamerv2_tf.loop.runlock import RunLock
 
 # Keys that may differ between the saved config of a logdir and a resumed run.
 # Changing any other key that shapes the networks or optimizers is refused.

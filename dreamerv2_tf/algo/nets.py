@@ -12,9 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dreamerv2_tf import convs, dists
+from dreamerv2_tf.algo import convs, dists
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.flops import select_keys  # TF-free, so the FLOP counter shares it
+from dreamerv2_tf.tools.flops import select_keys  # TF-free, so the FLOP counter shares it
 
 ACTIVATIONS = CHOICES[r".*\.act"]
 NORMS = CHOICES[r".*\.norm"]

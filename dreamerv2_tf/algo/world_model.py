@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from dreamerv2_tf import nets
-from dreamerv2_tf.optim import Optimizer
+from dreamerv2_tf.algo import nets
+from dreamerv2_tf.algo.optim import Optimizer
 
 REWARD_TRANSFORMS = {
     "identity": tf.identity,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from dreamerv2_tf.distribute import mean_over_replicas
+from dreamerv2_tf.loop.distribute import mean_over_replicas
 
 
 class _ReducedAdam(keras.optimizers.Adam):
@@ -28,7 +28,7 @@ class _ReducedAdam(keras.optimizers.Adam):
 
 if not hasattr(keras.optimizers.Adam, "_all_reduce_sum_gradients"):  # the hook overridden above
     raise ImportError(f"keras {keras.__version__} no longer reduces gradients in _all_reduce_sum_gradients; "
-                      "dreamerv2_tf.optim needs the Keras version pinned in requirements.txt")
+                      "dreamerv2_tf.algo.optim needs the Keras version pinned in requirements.txt")
 
 
 class Optimizer(tf.Module):

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dreamerv2_tf import distribute
-from dreamerv2_tf.behavior import ActorCritic
+from dreamerv2_tf.algo.behavior import ActorCritic
+from dreamerv2_tf.algo.world_model import WorldModel
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.world_model import WorldModel
+from dreamerv2_tf.loop import distribute
 
 PRECISIONS = CHOICES["precision"]
 POLICY_MODES = ("train", "eval", "explore", "random")

@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from dreamerv2_tf import nets
+from dreamerv2_tf.algo import nets
+from dreamerv2_tf.algo.optim import Optimizer
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.optim import Optimizer
 
 ACTOR_GRADS = CHOICES["actor_grad"]
 

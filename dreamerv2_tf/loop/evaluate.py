@@ -29,12 +29,12 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
     custom = config.task.startswith(CUSTOM_PREFIX)
     if custom and env_fn is None:
         raise ValueError(f"{logdir} trained on an environment passed to dreamerv2_tf.train(env_fn); evaluate it "
-                         "in Python with dreamerv2_tf.evaluate.evaluate(logdir, env_fn=...)")
+                         "in Python with dreamerv2_tf.loop.evaluate.evaluate(logdir, env_fn=...)")
 
     # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
-    from dreamerv2_tf.agent import Agent, nonfinite_variables, set_precision
-    from dreamerv2_tf.checkpoint import restore_weights
-    from dreamerv2_tf.driver import Driver
+    from dreamerv2_tf.algo.agent import Agent, nonfinite_variables, set_precision
+    from dreamerv2_tf.loop.checkpoint import restore_weights
+    from dreamerv2_tf.loop.driver import Driver
 
     seed = config.seed + 2 * 10**4 if seed is None else seed
     precision = set_precision(config.precision)

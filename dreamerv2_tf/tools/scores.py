@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-DATA_FILE = Path(__file__).resolve().parent / "data" / "atari_scores.csv"
+DATA_FILE = Path(__file__).resolve().parent.parent / "data" / "atari_scores.csv"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 

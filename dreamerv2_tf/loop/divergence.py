@@ -59,7 +59,7 @@ class DivergenceCheck:
 
     def check_weights(self, variables: Sequence[Any]) -> None:
         """Raise Diverged when a weight is NaN or inf (checked before every save)."""
-        from dreamerv2_tf.agent import nonfinite_variables
+        from dreamerv2_tf.algo.agent import nonfinite_variables
 
         bad = nonfinite_variables(variables)
         if bad:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from dreamerv2_tf import balltrack
 from dreamerv2_tf import config as configlib
-from dreamerv2_tf.checkpoint import has_checkpoint
-from dreamerv2_tf.replay import EpisodeError, filename_length, load_episode
+from dreamerv2_tf.loop.checkpoint import has_checkpoint
+from dreamerv2_tf.loop.episodes import EpisodeError, filename_length, load_episode
+from dreamerv2_tf.tools import balltrack
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 PNG_SCALE = 2  # frames in the strip: 64x64 becomes 128x128
@@ -123,9 +123,9 @@ def load_world_model(logdir: Path, config: configlib.Config,
     """
     import tensorflow as tf
 
-    from dreamerv2_tf.agent import model_obs_shapes, set_precision
-    from dreamerv2_tf.checkpoint import DamagedCheckpoint, restore_weights
-    from dreamerv2_tf.world_model import WorldModel
+    from dreamerv2_tf.algo.agent import model_obs_shapes, set_precision
+    from dreamerv2_tf.algo.world_model import WorldModel
+    from dreamerv2_tf.loop.checkpoint import DamagedCheckpoint, restore_weights
 
     # Predictions only: float32 on any device (the checkpointed variables are float32 in every precision).
     set_precision("32")
@@ -383,7 +383,7 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
         path.parent.mkdir(parents=True, exist_ok=True)
     write_strip(png, prediction, every, error_row,
                 title=f"{key}: {context} observed frames, then imagined from the actions")
-    from dreamerv2_tf.evaluate import write_video
+    from dreamerv2_tf.loop.evaluate import write_video
 
     write_video(video, video_frames(prediction, scale), fps=8)
     return result

@@ -197,6 +197,23 @@ def newest_intact(directory: str | Path) -> tuple[str | None, list[tuple[str, st
     return None, skipped
 
 
+def weights_source(path: str | Path) -> Path | None:
+    """The checkpoint directory `restore_weights` reads for `path`, or None for a checkpoint file prefix.
+
+    Cheap (no TensorFlow, no reading of the files), so a run can refuse a wrong --from_checkpoint before
+    it builds anything: FileNotFoundError when `path` holds no checkpoint at all.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        if not Path(str(path) + ".index").exists():
+            raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
+        return None
+    directory = path if has_checkpoint(path) or not (path / "checkpoints").is_dir() else path / "checkpoints"
+    if not has_checkpoint(directory):
+        raise FileNotFoundError(f"no checkpoint found in {path}")
+    return directory
+
+
 def restore_weights(path: str | Path, agent: tf.Module) -> str:
     """Load the agent's network weights from a checkpoint file prefix or a checkpoint directory.
 
@@ -208,19 +225,15 @@ def restore_weights(path: str | Path, agent: tf.Module) -> str:
     import tensorflow as tf
 
     path = Path(path).expanduser()
-    if path.is_dir():
-        directory = path if has_checkpoint(path) or not (path / "checkpoints").is_dir() else path / "checkpoints"
+    directory = weights_source(path)
+    if directory is not None:
         latest, skipped = newest_intact(directory)
-        if not latest and not skipped:
-            raise FileNotFoundError(f"no checkpoint found in {path}")
         if not latest:
             raise DamagedCheckpoint(f"no checkpoint in {directory} can be read ({_describe(skipped)})")
         if skipped:
             warnings.warn(f"skipped damaged checkpoint{'s' if len(skipped) > 1 else ''} {_describe(skipped)}; "
                           f"using {Path(latest).name}", RuntimeWarning, stacklevel=2)
         path = Path(latest)
-    elif not Path(str(path) + ".index").exists():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
     else:
         reason = verify(path)
         if reason:
@@ -259,7 +272,7 @@ def _networks(module: tf.Module) -> tf.train.Checkpoint:
     import keras
     import tensorflow as tf
 
-    from dreamerv2_tf.optim import Optimizer
+    from dreamerv2_tf.algo.optim import Optimizer
 
     children = {}
     for name, value in vars(module).items():
