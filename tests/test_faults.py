@@ -323,6 +323,9 @@ def test_kill_during_a_checkpoint_save_then_resume(runs):
     # C takes the dead run's lock over with a warning naming it, and resumes from that checkpoint.
     assert "taking over the stale lock" in c.stderr and f"pid {runs['a_pid']}" in c.stderr
     assert f"resumed from {runs['logdir'] / 'checkpoints' / f'ckpt-{expected}'}\n" in c.stdout
+    assert "prefill:" not in c.stdout and "pretraining" not in c.stdout  # the data and updates are kept
+    continued = int(re.search(r"continuing at agent step ([\d,]+)", c.stdout).group(1).replace(",", ""))
+    assert continued >= runs["resume_at"] >= expected  # never behind a logged step or the checkpoint
     assert after["episodes"] <= runs["after_c"]["episodes"]  # no finished episode lost
     steps = runs["after_c"]["metrics"]  # every line whole, across the kill
     assert steps == sorted(set(steps)) and steps[-1] >= runs["resume_at"] + 200
@@ -438,11 +441,10 @@ def test_eval_with_only_damaged_checkpoints_gives_one_line(damaged):
 
 def test_eval_out_that_cannot_be_written_is_refused_before_playing(runs, tmp_path):
     for out, cause in ((tmp_path / "missing" / "results.json", "does not exist"), (tmp_path, "is a directory")):
-        started = time.time()
         result = run([sys.executable, str(SCRIPTS / "eval.py"), "--logdir", str(runs["copy"]), "--episodes", "50",
                       "--out", str(out)])
         assert result.returncode == 2 and cause in error_line(result) and str(out) in error_line(result)
-        assert "episode 1" not in result.stdout and time.time() - started < 20
+        assert "episode 1" not in result.stdout  # refused before playing any episode
 
 
 # ---- start-up refusals (no TensorFlow: a second each) ------------------------------------------------------
