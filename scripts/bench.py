@@ -37,6 +37,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.tools import flops as flopslib
 
@@ -58,12 +59,12 @@ def log(message: str) -> None:
 
 def usage() -> str:
     doc = __doc__.split("Only the JSON")[0].rstrip()
-    return doc + "\n\n" + configlib.usage(prog="bench.py").split("\n", 2)[2]
+    return doc + "\n\n" + cli.usage(prog="bench.py").split("\n", 2)[2]
 
 
 def split_bench_flags(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Separate bench-only flags from the config flags; the latter are returned as argv for config.parse."""
-    flags = configlib.split_flags(argv)
+    flags = cli.split_flags(argv)
     options: dict[str, Any] = dict(BENCH_DEFAULTS, obs=None, act=None)
     for name in BENCH_DEFAULTS:
         if name in flags:
@@ -331,16 +332,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     try:
         options, config_argv = split_bench_flags(argv)
-        config, loader = configlib.parse(config_argv)
+        config, loader = cli.parse(config_argv)
         if not loader["print_config"]:
             # Check spaces and key patterns before the slow TensorFlow import.
             flopslib.update_flops(config, *resolve_spaces(config, options))
     except (configlib.ConfigError, ValueError) as exc:
-        configlib.fail(str(exc))
+        cli.fail(str(exc))
     if loader["print_config"]:
         print(config.to_yaml(), end="")
         sys.exit(0)
-    names = configlib.split_flags(config_argv).get("configs") or ["defaults"]
+    names = cli.split_flags(config_argv).get("configs") or ["defaults"]
 
     # Anything a library prints while benchmarking goes to stderr: stdout carries only the JSON.
     stdout = os.dup(1)
@@ -349,11 +350,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         result = bench(config, names, options)
     except (configlib.ConfigError, ValueError) as exc:
-        configlib.fail(str(exc))
+        cli.fail(str(exc))
     except Exception as exc:
         if type(exc).__name__ != "ResourceExhaustedError":
             raise
-        configlib.fail(f"out of memory for batch {config.dataset.batch} x length {config.dataset.length}; "
+        cli.fail(f"out of memory for batch {config.dataset.batch} x length {config.dataset.length}; "
                        "try a smaller --dataset.batch")
     finally:
         sys.stdout.flush()

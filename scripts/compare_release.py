@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from release_side import gradients, make_batch, observation_space, replace_sampling_by_modes
 
+from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 
 REL_TARGET, ABS_TARGET = 1e-4, 1e-6
@@ -249,7 +250,7 @@ def compare(ours: Mapping, theirs: Mapping) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = configlib.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--release", required=True, help="folder the release was installed into with --target")
     parser.add_argument("--updates", type=int, default=3, help="updates in a row after the first comparison")
     parser.add_argument("--env_step", type=int, default=12345, help="agent step of the first update")
@@ -259,10 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, rest = parser.parse_known_args(argv)
     if args.updates < 1:
-        configlib.fail(f"--updates must be at least 1, got {args.updates}")
+        cli.fail(f"--updates must be at least 1, got {args.updates}")
     if not (pathlib.Path(args.release) / "dreamerv2" / "agent.py").exists():
-        configlib.fail(f"no dreamerv2 release in {args.release}; install it there with pip --target (see --help)")
-    config = configlib.from_cli(rest, prog="compare_release.py")
+        cli.fail(f"no dreamerv2 release in {args.release}; install it there with pip --target (see --help)")
+    config = cli.from_cli(rest, prog="compare_release.py")
     try:
         release_overrides(config, "32")  # settings checked before TensorFlow loads (it resolves `auto`)
         from dreamerv2_tf.algo.agent import resolve_precision
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         precision = resolve_precision(config.precision)
         overrides = release_overrides(config, precision)
     except configlib.ConfigError as exc:
-        configlib.fail(str(exc))
+        cli.fail(str(exc))
     spec = task_spec(config)
     with tempfile.TemporaryDirectory(prefix="compare_release_") as temp:
         work = pathlib.Path(args.work or temp)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         if side.returncode != 0:
             tail = side.stderr.strip().splitlines()[-1:] or ["no output"]
             print(side.stderr[-4000:], file=sys.stderr)
-            configlib.fail(f"the release's side failed (exit {side.returncode}): {tail[0]}")
+            cli.fail(f"the release's side failed (exit {side.returncode}): {tail[0]}")
         with np.load(work / "release.npz") as loaded:
             theirs = {k: loaded[k] for k in loaded.files}
     replace_sampling_by_modes()
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def config_names(argv: list[str]) -> list[str]:
-    names = configlib.split_flags(argv).get("configs", ["defaults"])
+    names = cli.split_flags(argv).get("configs", ["defaults"])
     return names or ["defaults"]
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.tools import balltrack
 from dreamerv2_tf.tools import openloop as ol
@@ -16,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = configlib.ArgumentParser(prog="openloop.py", description=ol.__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="openloop.py", description=ol.__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
     parser.add_argument("--episodes", default=None,
                         help="directory of .npz episodes (default: the run's train episodes)")
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              args.key, args.png, args.video, args.every, args.scale, args.error_row,
                              args.show, args.track, args.track_out)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
-        configlib.fail(str(exc))
+        cli.fail(str(exc))
     if args.track:  # for reading; stdout keeps the one JSON line
         print(balltrack.format_table(result["track"]), file=sys.stderr)
     print(json.dumps(result))

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.cli import ArgumentParser
 from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"

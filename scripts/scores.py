@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.cli import ArgumentParser
 from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"

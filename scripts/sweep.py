@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dreamerv2_tf.config import ArgumentParser
+from dreamerv2_tf.cli import ArgumentParser
 from dreamerv2_tf.tools.scores import GAMES
 
 REPO = Path(__file__).resolve().parent.parent

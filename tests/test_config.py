@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import yaml
 
+from dreamerv2_tf.cli import fail, from_cli, parse, usage
 from dreamerv2_tf.config import (
     CONFIGS_FILE,
     SCHEDULABLE,
@@ -16,16 +17,12 @@ from dreamerv2_tf.config import (
     ConfigError,
     build,
     coerce,
-    fail,
-    from_cli,
-    parse,
     read_named_configs,
-    usage,
 )
 
 NAMED = ("defaults", "atari", "atari_paper", "dmc_vision", "dmc_proprio", "crafter", "debug", "vector",
          "atari_schedules")
-CLI = "from dreamerv2_tf.config import from_cli; from_cli()"
+CLI = "from dreamerv2_tf.cli import from_cli; from_cli()"
 
 
 def cli(*args: str, code: str = CLI) -> subprocess.CompletedProcess:
@@ -361,7 +358,7 @@ def test_cli_user_errors_exit_2_with_one_line(args, needles):
 def test_unreadable_configs_file_is_a_one_line_error(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("defaults:\n  a: [1, 2\n  b: 3\n")  # YAML errors span several lines
-    code = f"from dreamerv2_tf.config import from_cli; from_cli(path={str(path)!r})"
+    code = f"from dreamerv2_tf.cli import from_cli; from_cli(path={str(path)!r})"
     assert_user_error(cli(code=code), "broken.yaml")
 
 

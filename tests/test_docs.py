@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dreamerv2_tf import config as configlib
+from dreamerv2_tf import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -272,7 +272,7 @@ def check_task(task: str) -> str | None:
 
 def check_config_args(args: list[str], prog: str = "train.py") -> str | None:
     """Problem with train.py-style flags, or None: config.from_cli with --print_config, then the task."""
-    status, out, err, value = run_quietly(configlib.from_cli, [*args, "--print_config", "true"], prog)
+    status, out, err, value = run_quietly(cli.from_cli, [*args, "--print_config", "true"], prog)
     if status != 0:
         return (err.strip() or repr(value)) + f" (exit status {status})"
     if any(arg in ("-h", "--help") for arg in args):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
 
@@ -105,7 +106,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = configlib.ArgumentParser(prog="eval.py", description=__doc__)
+    parser = cli.ArgumentParser(prog="eval.py", description=__doc__)
     parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", default=None, help="write the first episode as .mp4 or .gif")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="JSON results path (default: LOGDIR/eval_results.json)")
     args = parser.parse_args(argv)
     if args.video and Path(args.video).suffix.lower() not in (".gif", ".mp4"):
-        configlib.fail(f"--video must end in .gif or .mp4, got {args.video}")
+        cli.fail(f"--video must end in .gif or .mp4, got {args.video}")
     out = Path(args.out).expanduser() if args.out else Path(args.logdir).expanduser() / "eval_results.json"
     # Checked before playing, so the episodes are not played for nothing (without --out a missing logdir
     # is reported by evaluate() instead).
@@ -122,16 +123,16 @@ def main(argv: list[str] | None = None) -> None:
                        ("--video", Path(args.video).expanduser() if args.video else None)):
         problem = path and unwritable(path)
         if problem:
-            configlib.fail(f"{flag} {path}: {problem}")
+            cli.fail(f"{flag} {path}: {problem}")
     try:
         result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
-        configlib.fail(str(exc))
+        cli.fail(str(exc))
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as exc:  # e.g. the disk filled up meanwhile: keep the results on stdout
         print(json.dumps(result))
-        configlib.fail(f"cannot write {out} ({exc.strerror}); the results are printed above", 1)
+        cli.fail(f"cannot write {out} ({exc.strerror}); the results are printed above", 1)
     print(f"return mean {result['mean']:.2f} std {result['std']:.2f} min {result['min']:.2f} "
           f"max {result['max']:.2f} over {args.episodes} episodes; results in {out}")
     sys.exit(0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
 from dreamerv2_tf.loop.clocks import Counter, Every
@@ -369,19 +370,19 @@ def episode_metrics(episode: Mapping[str, np.ndarray], prefix: str) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = configlib.from_cli(argv, prog="train.py")
+    config = cli.from_cli(argv, prog="train.py")
     try:
         run(config)
     except Aborted as exc:  # a second Ctrl-C / SIGTERM
-        configlib.fail(str(exc), exc.exit_status)
+        cli.fail(str(exc), exc.exit_status)
     except KeyboardInterrupt:  # Ctrl-C before the loop could turn it into a stop request
-        configlib.fail("interrupted (SIGINT) before training started; nothing was saved", 128 + signal.SIGINT)
+        cli.fail("interrupted (SIGINT) before training started; nothing was saved", 128 + signal.SIGINT)
     except (configlib.ConfigError, ValueError, LogdirInUse, RunError) as exc:
-        configlib.fail(str(exc), getattr(exc, "exit_status", 2))
+        cli.fail(str(exc), getattr(exc, "exit_status", 2))
     except FileNotFoundError as exc:  # ours name the missing thing; the OS's name the path
-        configlib.fail(os_error_text(exc), 2)
+        cli.fail(os_error_text(exc), 2)
     except OSError as exc:
-        configlib.fail(os_error_text(exc), 1)
+        cli.fail(os_error_text(exc), 1)
     sys.exit(0)
 
 
