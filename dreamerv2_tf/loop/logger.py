@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamerv2_tf.loop.terminal import format_number, print_line
+from dreamerv2_tf.loop.terminal import format_number, is_int, print_line
 
 METRICS_FILE = "metrics.jsonl"
 VIDEOS_DIR = "videos"
@@ -73,11 +73,11 @@ class Logger:
                     f"Logger step must be a callable returning the agent step or an int-like counter, "
                     f"got {type(step).__name__}"
                 ) from None
-        if not _is_int(action_repeat) or action_repeat < 1:
+        if not is_int(action_repeat) or action_repeat < 1:
             raise ValueError(f"Logger action_repeat must be an integer >= 1, got {action_repeat!r}")
-        if not _is_int(video_fps) or video_fps < 1:
+        if not is_int(video_fps) or video_fps < 1:
             raise ValueError(f"Logger video_fps must be an integer >= 1, got {video_fps!r}")
-        if not _is_int(videos_keep) or videos_keep < 0:
+        if not is_int(videos_keep) or videos_keep < 0:
             raise ValueError(f"Logger videos_keep must be an integer >= 0 (0 keeps all), got {videos_keep!r}")
         self.logdir = Path(logdir).expanduser()
         self.logdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ class Logger:
 
         The first call only sets the baseline, since the time of earlier updates is unknown.
         """
-        if not _is_int(updates) or updates < 0:
+        if not is_int(updates) or updates < 0:
             raise ValueError(f"Logger.rates expects the total number of updates (int >= 0), got {updates!r}")
         now = time.time()
         if self._updates_last is not None:
@@ -332,10 +332,6 @@ def encode_gif(frames: np.ndarray, fps: int = 20) -> bytes:
 
 
 # Helpers.
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _check_name(name: Any) -> None:

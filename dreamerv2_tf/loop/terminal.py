@@ -29,9 +29,9 @@ class Progress:
         file: IO[str] | None = None,
         enabled: bool = True,
     ):
-        if not _is_int(total) or total < 0:
+        if not is_int(total) or total < 0:
             raise ValueError(f"Progress total must be an integer >= 0, got {total!r}")
-        if not _is_int(initial) or initial < 0:
+        if not is_int(initial) or initial < 0:
             raise ValueError(f"Progress initial must be an integer >= 0, got {initial!r}")
         if not isinstance(every, int | float) or not 0 < every <= 1:
             raise ValueError(f"Progress every must be a fraction in (0, 1], got {every!r}")
@@ -149,8 +149,9 @@ def print_line(line: str, file: IO[str] | None = None) -> None:
     (file if file is not None else sys.stdout).flush()
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int (numpy ints too), not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-__all__ = ["Progress", "format_number", "print_line"]
+__all__ = ["Progress", "format_number", "print_line", "is_int"]
