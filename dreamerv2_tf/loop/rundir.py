@@ -34,6 +34,11 @@ def default_logdir(config: configlib.Config) -> Path:
     return Path(config.logdir).expanduser() if config.logdir else Path("logdir") / config.task / f"seed{config.seed}"
 
 
+def train_episodes_dir(logdir: Path, config: configlib.Config) -> Path:
+    """The episodes a run trains on: LOGDIR/train_episodes, or replay.directory for offline runs."""
+    return Path(config.replay.directory).expanduser() if config.replay.directory else logdir / "train_episodes"
+
+
 @contextlib.contextmanager
 def locked_logdir(logdir: Path) -> Iterator[None]:
     """Create and lock `logdir` for one run: while it is held, another run on it is refused with LogdirInUse.
@@ -162,5 +167,5 @@ def _holds_only(directory: Path, lock_file: Path) -> bool:
     return all(path == lock_file or path.is_dir() for path in directory.rglob("*"))
 
 
-__all__ = ["RunError", "default_logdir", "locked_logdir", "check_resume", "resume_step", "episode_lengths",
-           "last_eval_step", "stopped_by_os_error", "os_error_text", "ARCHITECTURE_PREFIXES"]
+__all__ = ["RunError", "default_logdir", "train_episodes_dir", "locked_logdir", "check_resume", "resume_step",
+           "episode_lengths", "last_eval_step", "stopped_by_os_error", "os_error_text", "ARCHITECTURE_PREFIXES"]

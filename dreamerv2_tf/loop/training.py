@@ -27,6 +27,7 @@ from dreamerv2_tf.loop.rundir import (
     os_error_text,
     resume_step,
     stopped_by_os_error,
+    train_episodes_dir,
 )
 from dreamerv2_tf.loop.runlock import LogdirInUse
 from dreamerv2_tf.loop.stop import Aborted, Stop
@@ -121,7 +122,7 @@ class Training:
                 print(f"resuming with changed keys: {', '.join(changed)}")
         print(f"logdir: {logdir.resolve()}")
         self.offline = bool(config.replay.directory)
-        self.replay_dir = Path(config.replay.directory).expanduser() if self.offline else logdir / "train_episodes"
+        self.replay_dir = train_episodes_dir(logdir, config)
         if self.offline and not self.replay_dir.is_dir():
             raise configlib.ConfigError(f"replay.directory {self.replay_dir} does not exist")
         from dreamerv2_tf.loop.checkpoint import has_checkpoint, weights_source

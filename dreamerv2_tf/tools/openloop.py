@@ -21,6 +21,7 @@ import numpy as np
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.loop.checkpoint import has_checkpoint
 from dreamerv2_tf.loop.episodes import EpisodeError, filename_length, load_episode
+from dreamerv2_tf.loop.rundir import train_episodes_dir
 from dreamerv2_tf.tools import balltrack
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
@@ -49,11 +50,6 @@ class Prediction:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-
-
-def episodes_dir(logdir: Path, config: configlib.Config) -> Path:
-    """The episodes the run trained on: its train_episodes/, or replay.directory for offline runs."""
-    return Path(config.replay.directory).expanduser() if config.replay.directory else logdir / "train_episodes"
 
 
 def sample_sequences(directory: str | Path, count: int, length: int,
@@ -354,7 +350,7 @@ def openloop(logdir: str | Path, episodes: str | Path | None = None, context: in
         raise ValueError(f"--png must end in .png, got {png}")
     if video.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--video must end in {' or '.join(VIDEO_SUFFIXES)}, got {video}")
-    directory = Path(episodes).expanduser() if episodes else episodes_dir(logdir, config)
+    directory = Path(episodes).expanduser() if episodes else train_episodes_dir(logdir, config)
     data, sources = sample_sequences(directory, count, length, seed)
     images = sorted(k for k, v in data.items() if v.ndim == 5)
     if key not in images:
