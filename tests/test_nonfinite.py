@@ -353,7 +353,7 @@ def test_prefill_gives_up_when_every_episode_is_nonfinite(tmp_path):
     driver.reset = lambda: None
     step = Counter(0)
     with pytest.warns(RuntimeWarning, match="not stored"), pytest.raises(ValueError, match="non-finite"):
-        trainlib.prefill(driver, None, step, replay, 20, Stop())
+        trainlib.prefill_replay(driver, None, step, replay, 20, Stop())
     assert replay.refused_episodes == trainlib.PREFILL_REFUSED_LIMIT and not list(tmp_path.glob("*.npz"))
 
 

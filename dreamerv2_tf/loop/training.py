@@ -59,7 +59,7 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
     # instead of evaluating whatever task the config happens to name.
     config = config.update({"task": f"{CUSTOM_PREFIX}{name}"})
     if not config.logdir:
-        config = config.update({"logdir": str(Path("logdir") / config.task / f"seed{config.seed}")})
+        config = config.update({"logdir": str(default_logdir(config))})
     pending = [first]  # built to name the task; the run uses it as its first env
     return run(config, lambda: pending.pop() if pending else env_fn())
 
@@ -270,7 +270,7 @@ class Training:
         from dreamerv2_tf.loop.driver import random_policy
 
         policy = random_policy(self.eval_env.act_space, len(self.train_envs), self.config.seed)
-        prefill(self.train_driver, policy, self.step, self.train_replay, self.config.prefill, self.stop)
+        prefill_replay(self.train_driver, policy, self.step, self.train_replay, self.config.prefill, self.stop)
 
     def pretrain(self) -> None:
         """The dataset, then `pretrain` updates on the prefilled replay (not when resuming)."""
@@ -332,7 +332,7 @@ class Training:
             env.close()
 
 
-def prefill(driver: Any, policy: Any, step: Counter, replay: Any, steps: int, stop: Stop) -> None:
+def prefill_replay(driver: Any, policy: Any, step: Counter, replay: Any, steps: int, stop: Stop) -> None:
     """Random-policy data up to `steps` agent steps, and at least one finished episode to train on."""
     if step.value >= steps and replay.num_episodes:
         return
