@@ -265,8 +265,11 @@ def check_task(task: str) -> str | None:
             ale_name(rest)
         except ValueError as exc:
             return str(exc)
-    if prefix == "crafter" and rest not in ("reward", "noreward"):
-        return f"unknown task '{task}'"
+    if prefix == "crafter":
+        from dreamerv2_tf.envs.crafter import TASKS
+
+        if rest not in TASKS:
+            return f"unknown task '{task}'"
     return None
 
 
