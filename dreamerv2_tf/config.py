@@ -51,7 +51,7 @@ BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     r".*_opt\.lr": _positive,
     r".*_opt\.(eps|clip|wd)": _non_negative,
     r"discount|slow_target_fraction": _half_open_unit,
-    r"discount_lambda|kl\.balance|actor_grad_mix": _unit,
+    r"discount_lambda|kl\.balance|actor_grad_mix|minatar\.sticky": _unit,
     r"imag_horizon|dataset\.(batch|length)|train_every|envs|action_repeat|slow_target_update|replay\.minlen"
     r"|size|rssm\.(hidden|deter|stoch)|(encoder|decoder)\.(cnn_depth|cnn_kernels|mlp_layers)|.*\.units":
         _at_least_1,

@@ -17,7 +17,8 @@ config keys). Bench-only flags (the config's own `steps` key does not matter her
 Without --obs/--act the spaces follow the task name, without creating an environment:
 atari_* image (size, 1 or 3 with atari.grayscale false) and 18 actions; crafter_* image
 (size, 3) and 17 actions; dmc_* image (size, 3), a 24-dim proprio vector and 6 continuous
-actions (walker sizes); gym_* a 4-dim vector and 2 actions (CartPole sizes).
+actions (walker sizes); minatar_* image (size, 4) and 6 actions (Breakout); gym_* a 4-dim vector
+and 2 actions (CartPole sizes).
 
 Only the JSON result goes to stdout; logs go to stderr. Times are wall-clock milliseconds.
 """
@@ -49,6 +50,7 @@ TASK_SPACES = {
     "atari": ("atari", {}, "discrete", 18),
     "crafter": (3, {}, "discrete", 17),
     "dmc": (3, {"proprio": (24,)}, "continuous", 6),
+    "minatar": (4, {}, "discrete", 6),
     "gym": (None, {"vector": (4,)}, "discrete", 2),
 }
 

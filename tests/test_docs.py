@@ -253,23 +253,12 @@ def run_quietly(fn, *args) -> tuple[int | None, str, str, object]:
 
 
 def check_task(task: str) -> str | None:
-    from dreamerv2_tf.envs import PREFIXES
+    from dreamerv2_tf.envs import check_task
 
-    prefix, _, rest = task.partition("_")
-    if prefix not in PREFIXES or not rest:
-        return f"unknown task '{task}'"
-    if prefix == "atari":
-        from dreamerv2_tf.envs.atari import ale_name
-
-        try:
-            ale_name(rest)
-        except ValueError as exc:
-            return str(exc)
-    if prefix == "crafter":
-        from dreamerv2_tf.envs.crafter import TASKS
-
-        if rest not in TASKS:
-            return f"unknown task '{task}'"
+    try:
+        check_task(task)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

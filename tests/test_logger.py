@@ -206,6 +206,21 @@ def test_tensorboard_events_hold_scalars_and_gif_video(tmp_path):
     assert iio.imread(gif, index=None, extension=".gif").shape[0] == 5
 
 
+def test_object_channel_videos_are_drawn_in_one_colour_per_channel(tmp_path):
+    log = Logger(tmp_path, Counter(0), tensorboard=False, terminal=False)
+    frames = np.zeros((2, 10, 10, 4), np.uint8)
+    frames[:, 3, 4, 1] = 255  # one object in channel 1
+    frames[:, 9, 0, 3] = 255  # another in channel 3
+    log.video("image", frames)
+    rgb = log._videos["image"]
+    assert rgb.shape == (2, 10, 10, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 3, 4].any() and rgb[0, 9, 0].any() and not rgb[0, 0, 0].any()
+    assert not np.array_equal(rgb[0, 3, 4], rgb[0, 9, 0])  # different channels, different colours
+    log.write()
+    assert list((tmp_path / "videos").glob("image_*.gif"))
+    log.close()
+
+
 def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="action_repeat"):
         Logger(tmp_path, Counter(0), action_repeat=0)
@@ -214,8 +229,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
     log = Logger(tmp_path, Counter(0), tensorboard=False, terminal=False)
     with pytest.raises(ValueError, match="'losses' has shape \\(3,\\)"):
         log.add({"losses": np.zeros(3)})
-    with pytest.raises(ValueError, match="'image' has shape .*C = 1"):
-        log.video("image", np.zeros((4, 8, 8, 2)))
+    with pytest.raises(ValueError, match="'image' has shape \\(8, 8, 2\\); expected \\[T,H,W,C\\]"):
+        log.video("image", np.zeros((8, 8, 2)))
     with pytest.raises(ValueError, match="scalar 'name' must be a single number"):
         log.scalar("name", "high")
     log.close()

@@ -1,4 +1,4 @@
-"""Environments by task name: atari_<game>, dmc_<domain>_<task>, crafter_(no)reward, gym_<id>.
+"""Environments by task name: atari_<game>, dmc_<domain>_<task>, crafter_(no)reward, minatar_<game>, gym_<id>.
 
 `make_env` builds one env following the protocol in `envs.base`; `make_envs`
 builds several, optionally each in its own thread or process.
@@ -15,13 +15,15 @@ from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.envs.base import Env, action_size, zero_action
 from dreamerv2_tf.envs.wrappers import ActionRepeat, TimeLimit
 
-__all__ = ["Env", "make_env", "make_envs", "wrap", "action_size", "zero_action", "PREFIXES", "MODES", "PARALLEL"]
+__all__ = ["Env", "make_env", "make_envs", "check_task", "wrap", "action_size", "zero_action", "PREFIXES", "MODES",
+           "PARALLEL"]
 
-PREFIXES = ("atari", "dmc", "crafter", "gym")
+PREFIXES = ("atari", "dmc", "crafter", "minatar", "gym")
 MODES = ("train", "eval")
 PARALLEL = CHOICES["envs_parallel"]
 ATARI_DEFAULTS = {"sticky": True, "all_actions": True, "noops": 0, "grayscale": True, "lives": False}
 DMC_DEFAULTS = {"camera": -1}
+MINATAR_DEFAULTS = {"sticky": 0.1, "all_actions": True, "ramping": True}
 
 
 def _options(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,12 +46,34 @@ def _unknown_task(task: str) -> ValueError:
         guesses.append("atari_" + task.lower())
     hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
     return ValueError(f"unknown task '{task}'{hint}; tasks look like atari_<game>, dmc_<domain>_<task>, "
-                      "crafter_reward, crafter_noreward or gym_<gymnasium id>")
+                      "crafter_reward, crafter_noreward, minatar_<game> or gym_<gymnasium id>")
+
+
+def check_task(task: str) -> None:
+    """A one-line ValueError for a task name no suite has, checked without building the env (or loading
+    TensorFlow); DMC and gymnasium names are checked when their env is made."""
+    prefix, _, rest = task.partition("_")
+    if prefix not in PREFIXES or not rest:
+        raise _unknown_task(task)
+    if prefix == "atari":
+        from dreamerv2_tf.envs.atari import ale_name
+
+        ale_name(rest)
+    elif prefix == "crafter":
+        from dreamerv2_tf.envs.crafter import TASKS
+
+        if rest not in TASKS:
+            raise ValueError(f"unknown Crafter task '{rest}'; choices: crafter_reward, crafter_noreward")
+    elif prefix == "minatar":
+        from dreamerv2_tf.envs.minatar import check_game
+
+        check_game(rest)
 
 
 def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: int = 1,
              size: tuple[int, int] | list[int] = (64, 64), time_limit: int = 0,
-             atari: Mapping[str, Any] | None = None, dmc: Mapping[str, Any] | None = None) -> Env:
+             atari: Mapping[str, Any] | None = None, dmc: Mapping[str, Any] | None = None,
+             minatar: Mapping[str, Any] | None = None) -> Env:
     """One env for `task`. `action_repeat` counts env frames per agent step (4 for the Atari
     protocol, whose max-pool needs it done inside the env); `time_limit` counts agent steps and
     ends episodes as a truncation (0 = only the env's own limit)."""
@@ -62,9 +86,8 @@ def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: in
     if time_limit < 0:
         raise ValueError(f"time_limit must be zero (no limit) or positive, got {time_limit}")
     size = (int(size[0]), int(size[1]))
+    check_task(task)
     prefix, _, rest = task.partition("_")
-    if prefix not in PREFIXES or not rest:
-        raise _unknown_task(task)
     if prefix == "atari":
         from dreamerv2_tf.envs.atari import Atari
 
@@ -82,6 +105,13 @@ def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: in
         from dreamerv2_tf.envs.crafter import Crafter
 
         return wrap(Crafter(rest, seed=seed, size=size), action_repeat, time_limit)
+    elif prefix == "minatar":
+        from dreamerv2_tf.envs.minatar import MinAtar
+
+        options = _options("minatar", minatar, MINATAR_DEFAULTS)
+        return wrap(MinAtar(rest, seed=seed, size=size, sticky=float(options["sticky"]),
+                            all_actions=bool(options["all_actions"]), ramping=bool(options["ramping"])),
+                    action_repeat, time_limit)
     else:
         from dreamerv2_tf.envs.gym import GymEnv
 

@@ -18,7 +18,7 @@ def time_limit(config: configlib.Config, mode: str) -> int:
 
 def env_kwargs(config: configlib.Config, mode: str) -> dict[str, Any]:
     return dict(action_repeat=config.action_repeat, size=tuple(config.size), time_limit=time_limit(config, mode),
-                atari=dict(config.atari), dmc=dict(config.dmc))
+                atari=dict(config.atari), dmc=dict(config.dmc), minatar=dict(config.minatar))
 
 
 def run_envs(config: configlib.Config, mode: str, seed: int, count: int = 1,

@@ -360,18 +360,27 @@ def _video_frames(name: str, frames: Any) -> np.ndarray:
     array = _to_numpy(frames)
     if array.ndim == 5:  # [B, T, H, W, C] -> [T, H, B * W, C]: the batch side by side.
         array = np.concatenate(list(array), axis=2)
-    if array.ndim != 4 or array.shape[-1] not in (1, 3) or min(array.shape) == 0:
+    if array.ndim != 4 or min(array.shape) == 0:
         raise ValueError(
-            f"video '{name}' has shape {tuple(np.shape(frames))}; expected [T,H,W,C] or [B,T,H,W,C] "
-            f"with C = 1 (grayscale) or 3 (RGB)"
+            f"video '{name}' has shape {tuple(np.shape(frames))}; expected [T,H,W,C] or [B,T,H,W,C]"
         )
     if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.floating):
-        return (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer):
-        return np.clip(array, 0, 255).astype(np.uint8)
-    raise ValueError(f"video '{name}' has dtype {array.dtype}; expected uint8 or float in [0, 1]")
+        pass
+    elif np.issubdtype(array.dtype, np.floating):
+        array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"video '{name}' has dtype {array.dtype}; expected uint8 or float in [0, 1]")
+    return array if array.shape[-1] in (1, 3) else channels_to_rgb(array)
+
+
+def channels_to_rgb(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., C] frames of C object channels (MinAtar's) as RGB: each channel drawn in its own colour."""
+    from matplotlib import colormaps
+
+    colours = np.asarray(colormaps["tab10"](np.arange(frames.shape[-1]) % 10))[:, :3]
+    return np.clip(frames.astype(np.float32) @ colours, 0, 255).astype(np.uint8)
 
 
 def _safe_filename(name: str) -> str:
