@@ -26,6 +26,7 @@ SCHEDULE_RE = re.compile(r"^linear\(\s*[-+.\deE]+\s*,\s*[-+.\deE]+\s*,\s*[-+.\de
 # config is built so a typo fails at start-up; the modules that use these keys take their choices from here.
 CHOICES = {
     "precision": ("auto", "32", "16", "bf16"),
+    "jit": ("auto", "true", "false"),
     "strategy": ("default", "mirrored", "multi_worker"),
     "envs_parallel": ("none", "thread", "process"),
     "clip_rewards": ("identity", "tanh", "sign"),
@@ -59,6 +60,9 @@ BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     r"|replay\.(capacity|maxlen)|rssm\.discrete|atari\.noops|kl\.free|loss_scales\..*|actor_ent"
     r"|expl_noise|eval_noise|.*\.min_std": _non_negative,
 }
+
+# Keys that are 'auto' or a boolean, stored as the strings 'auto', 'true' and 'false'.
+AUTO_BOOLS = ("jit",)
 
 # Flags handled by the loader itself, not config keys.
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -235,6 +239,8 @@ def coerce(key: str, value: Any, default: Any) -> Any:
         return _to_float(key, value)
     if isinstance(default, bool):
         return to_bool(key, value)
+    if key in AUTO_BOOLS:
+        return _to_auto_bool(key, value)
     if isinstance(default, int):
         return _to_int(key, value)
     if isinstance(default, float):
@@ -253,6 +259,16 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     if default is None:
         return value
     raise ConfigError(f"{key}: unsupported default type {type(default).__name__}")
+
+
+def _to_auto_bool(key: str, value: Any) -> str:
+    """'auto', 'true' or 'false' from 'auto' or any true/false word (YAML's booleans too)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if to_bool(key, value) else "false"
+    except ConfigError:
+        raise ConfigError(f"{key}: expected auto, true or false, got {value!r}") from None
 
 
 def to_bool(key: str, value: Any) -> bool:

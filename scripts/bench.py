@@ -241,7 +241,7 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
     import numpy as np
     import tensorflow as tf
 
-    from dreamerv2_tf.algo.agent import Agent, set_precision
+    from dreamerv2_tf.algo.agent import Agent, resolve_jit, set_precision
 
     obs_shapes, act_dim, discrete = resolve_spaces(config, options)
     batch, length, horizon = config.dataset.batch, config.dataset.length, config.imag_horizon
@@ -296,7 +296,7 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
         "config": list(names),
         "task": config.task,
         "precision": precision,
-        "jit": bool(config.jit),
+        "jit": resolve_jit(config.jit),
         "batch": batch,
         "length": length,
         "imag_horizon": horizon,

@@ -14,7 +14,7 @@ from helpers import (
     tiny_config,
 )
 
-from dreamerv2_tf.algo.agent import POLICY_MODES, resolve_precision
+from dreamerv2_tf.algo.agent import POLICY_MODES, resolve_jit, resolve_precision
 from dreamerv2_tf.algo.world_model import WorldModel
 
 IMAGE = (64, 64, 1)
@@ -105,6 +105,21 @@ def test_invalid_policy_mode_and_precision_raise(discrete_agent):
         agent.policy(first_step(data, 0), None, "greedy")
     with pytest.raises(ValueError, match="precision must be one of auto, 32, 16, bf16"):
         resolve_precision("64")
+
+
+@pytest.mark.parametrize("devices, auto", [([], False), (["/device:GPU:0"], True)])
+def test_jit_auto_is_xla_on_a_gpu_and_off_on_cpus(monkeypatch, devices, auto):
+    asked = []
+
+    def logical_devices(kind=None):
+        asked.append(kind)
+        return list(devices) if kind == "GPU" else ["/device:CPU:0"]
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", logical_devices)
+    assert resolve_jit("auto") is auto and asked == ["GPU"]
+    assert resolve_jit("true") is True and resolve_jit("false") is False  # an explicit choice wins
+    with pytest.raises(ValueError, match="jit must be auto, true or false"):
+        resolve_jit("maybe")
 
 
 def test_report_returns_open_loop_video(discrete_agent):

@@ -79,7 +79,7 @@ DIFFERENT = {
     "logdir": "ours defaults to ./logdir/<task>/seed<seed>",
     "task": "ours defaults to atari_pong",
     "precision": "ours picks float16 only on GPUs with tensor cores (auto)",
-    "jit": "XLA is slower on CPUs; ours is off by default",
+    "jit": "ours is auto: XLA on a GPU, off on CPUs, where it measured slower",
     "crafter.steps": "the Crafter benchmark's budget of 1e6 steps",
     "dmc_proprio.log_keys_video": "no image to record",
 }

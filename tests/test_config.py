@@ -68,7 +68,7 @@ def test_named_config_keeps_every_key_and_type(name):
 def test_named_config_combines_with_debug(name):
     config = build([name, "debug"])
     assert config.rssm.deter <= 64 and config.dataset.batch <= 8
-    assert config.jit is False
+    assert config.jit == "false"
 
 
 def test_counts_in_scientific_notation_are_ints():
@@ -266,13 +266,22 @@ def test_cli_floats():
 @pytest.mark.parametrize("text, expected", [("true", True), ("false", False), ("True", True),
                                             ("FALSE", False)])
 def test_cli_bools(text, expected):
-    assert parse(["--jit", text])[0].jit is expected
+    assert parse(["--deterministic", text])[0].deterministic is expected
 
 
 @pytest.mark.parametrize("text", ["maybe", "2", "yess"])
 def test_cli_bools_reject_other_words(text):
-    with pytest.raises(ConfigError, match="jit: expected true or false"):
-        parse(["--jit", text])
+    with pytest.raises(ConfigError, match="deterministic: expected true or false"):
+        parse(["--deterministic", text])
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("true", "true"),
+                                            ("on", "true"), ("False", "false"), ("0", "false")])
+def test_jit_is_auto_or_a_boolean_word(text, expected):
+    assert parse(["--jit", text])[0].jit == expected
+    assert build(["defaults"]).jit == "auto" and build(["defaults", "debug"]).jit == "false"  # YAML's false
+    with pytest.raises(ConfigError, match="jit: expected auto, true or false, got 'maybe'"):
+        parse(["--jit", "maybe"])
 
 
 def test_regex_key_sets_every_match_and_nothing_else():

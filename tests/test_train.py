@@ -136,6 +136,23 @@ def test_metrics_jsonl_has_returns_losses_steps_and_frames(pong_run):
     assert all(abs(record["train_return"]) <= 21 for record in records if "train_return" in record)
 
 
+TIME_SECTIONS = ("time_policy", "time_env", "time_replay", "time_update", "time_eval", "time_log", "time_save")
+
+
+def test_metrics_show_where_the_wall_clock_goes(pong_run):
+    logdir, result = pong_run
+    records = [record for record in read_metrics(logdir) if "time_update" in record]
+    assert len(records) >= 2  # every log after the first interval of the loop
+    for record in records:
+        fractions = {key: value for key, value in record.items() if key.startswith("time_")}
+        assert set(fractions) <= set(TIME_SECTIONS), fractions
+        assert {"time_policy", "time_env", "time_replay", "time_update"} <= set(fractions)
+        assert all(0 < value < 1 for value in fractions.values()) and sum(fractions.values()) <= 1.0
+    # Every interval of 100 agent steps has an evaluation and a checkpoint, which show up from the second on.
+    assert any("time_eval" in record and "time_save" in record for record in records)
+    assert "precision: 32" in result.stdout and "jit: off (the train step)" in result.stdout
+
+
 def test_scores_and_plot_scripts_read_the_real_run(pong_run, tmp_path):
     from dreamerv2_tf.tools import scores
 

@@ -34,6 +34,17 @@ def resolve_precision(precision: str) -> str:
     return "32"
 
 
+def resolve_jit(jit: str | bool) -> bool:
+    """Whether the train step is XLA-compiled: `auto` is on with a GPU visible, off on CPUs (where XLA
+    measured slower; see docs/performance.md)."""
+    text = str(jit).lower()
+    if text not in ("auto", "true", "false"):
+        raise ValueError(f"jit must be auto, true or false, got {jit!r}")
+    if text == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    return text == "true"
+
+
 def set_precision(precision: str) -> str:
     """Set the global Keras dtype policy; must run before any layer is built."""
     precision = resolve_precision(precision)
@@ -88,7 +99,7 @@ class Agent(tf.Module):
                               env_step=self.env_step)
         self.wm.build()
         self.ac.build()
-        self._train = distribute.replicated(self._train_step, self.strategy, jit=bool(config.jit))
+        self._train = distribute.replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
         self._report = tf.function(self._report_step)
         self._policies = {mode: tf.function(lambda obs, state, m=mode: self._policy_step(obs, state, m))
                           for mode in POLICY_MODES}

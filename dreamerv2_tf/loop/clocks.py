@@ -1,8 +1,10 @@
-"""The loop's clocks: counters and the schedules that fire on them."""
+"""The loop's clocks: counters, the schedules that fire on them, and where wall-clock time goes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 
 
 class Counter:
@@ -41,4 +43,31 @@ class Every:
         return False
 
 
-__all__ = ["Counter", "Every"]
+class Stopwatch:
+    """Wall-clock time spent in named sections, as fractions of the time since the last `fractions()`.
+
+    Sections must not nest, so the fractions add up to at most 1 (the rest is the loop's own bookkeeping).
+    """
+
+    def __init__(self) -> None:
+        self._spent: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent[name] = self._spent.get(name, 0.0) + time.perf_counter() - start
+
+    def fractions(self, prefix: str = "time_") -> dict[str, float]:
+        """{prefix + name: fraction of the wall clock} since the last call (or creation), then starts over."""
+        now = time.perf_counter()
+        wall = max(now - self._since, 1e-9)
+        result = {prefix + name: spent / wall for name, spent in self._spent.items()}
+        self._spent, self._since = {}, now
+        return result
+
+
+__all__ = ["Counter", "Every", "Stopwatch"]

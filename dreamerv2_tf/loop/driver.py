@@ -9,11 +9,14 @@ transition of an episode (right after reset) carries a zero action. Callbacks:
 - on_episode(episode, worker): the finished episode as a dict of stacked arrays.
 
 `Driver.steps` counts agent steps (env.step calls; resets are not steps) and
-`Driver.episodes` finished episodes, both over the driver's lifetime.
+`Driver.episodes` finished episodes, both over the driver's lifetime. With a `stopwatch`
+(`clocks.Stopwatch`) the time goes to the sections 'policy', 'env' (steps and resets) and
+'replay' (the callbacks, which store the transitions).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,10 +35,12 @@ def stack_episode(transitions: Sequence[Mapping[str, np.ndarray]]) -> dict[str, 
 
 class Driver:
     def __init__(self, envs: Sequence[Any], on_step: Sequence[Callback] = (),
-                 on_episode: Sequence[Callback] = (), on_reset: Sequence[Callback] = ()):
+                 on_episode: Sequence[Callback] = (), on_reset: Sequence[Callback] = (),
+                 stopwatch: Callable[[str], contextlib.AbstractContextManager] | None = None):
         if not envs:
             raise ValueError("Driver needs at least one env")
         self.envs = list(envs)
+        self._time = stopwatch or (lambda name: contextlib.nullcontext())
         self._zero_actions = [zero_action(env.act_space) for env in self.envs]
         self._on_step = list(on_step)
         self._on_episode = list(on_episode)
@@ -66,41 +71,54 @@ class Driver:
         while done_steps < steps or done_episodes < episodes:
             self._reset_finished()
             batch = {key: np.stack([obs[key] for obs in self._obs]) for key in self._obs[0]}
-            action, self._state = policy(batch, self._state)
-            action = {key: np.asarray(value, np.float32) for key, value in action.items()}
+            with self._time("policy"):
+                action, self._state = policy(batch, self._state)
+                action = {key: np.asarray(value, np.float32) for key, value in action.items()}
             if "action" not in action or action["action"].shape[:1] != (count,):
                 shapes = {key: value.shape for key, value in action.items()}
                 raise ValueError(f"policy must return {{'action': array of shape ({count}, A)}}, got {shapes}")
             per_env = [{key: value[index] for key, value in action.items()} for index in range(count)]
-            results = self._step_all(per_env)
-            for worker, (obs, act) in enumerate(zip(results, per_env, strict=True)):
-                transition = {**obs, **act}
-                self._obs[worker] = obs
-                self._episodes[worker].append(transition)
-                for callback in self._on_step:
-                    callback(transition, worker)
-                done_steps += 1
-                self.steps += 1
-                if obs["is_last"]:
-                    episode = stack_episode(self._episodes[worker])
-                    for callback in self._on_episode:
-                        callback(episode, worker)
-                    done_episodes += 1
-                    self.episodes += 1
+            with self._time("env"):
+                results = self._step_all(per_env)
+            with self._time("replay"):
+                done = self._record(results, per_env)
+            done_steps += count
+            self.steps += count
+            done_episodes += done
+            self.episodes += done
         return {"steps": done_steps, "episodes": done_episodes}
+
+    def _record(self, results: list[dict[str, np.ndarray]], actions: list[dict[str, np.ndarray]]) -> int:
+        """Hands each new transition, and each finished episode, to the callbacks; returns the episodes."""
+        finished = 0
+        for worker, (obs, act) in enumerate(zip(results, actions, strict=True)):
+            transition = {**obs, **act}
+            self._obs[worker] = obs
+            self._episodes[worker].append(transition)
+            for callback in self._on_step:
+                callback(transition, worker)
+            if obs["is_last"]:
+                episode = stack_episode(self._episodes[worker])
+                for callback in self._on_episode:
+                    callback(episode, worker)
+                finished += 1
+        return finished
 
     def _reset_finished(self) -> None:
         workers = [index for index, obs in enumerate(self._obs) if obs is None or obs["is_last"]]
         if not workers:
             return
-        for worker, obs in zip(workers, self._call_all(workers, "reset", [()] * len(workers)), strict=True):
-            transition = {**obs, **self._zero_actions[worker]}
-            self._obs[worker] = obs
-            self._episodes[worker] = [transition]
-            for callback in self._on_reset:
-                callback(transition, worker)
-            for callback in self._on_step:
-                callback(transition, worker)
+        with self._time("env"):
+            observations = self._call_all(workers, "reset", [()] * len(workers))
+        with self._time("replay"):
+            for worker, obs in zip(workers, observations, strict=True):
+                transition = {**obs, **self._zero_actions[worker]}
+                self._obs[worker] = obs
+                self._episodes[worker] = [transition]
+                for callback in self._on_reset:
+                    callback(transition, worker)
+                for callback in self._on_step:
+                    callback(transition, worker)
 
     def _step_all(self, actions: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return self._call_all(range(len(self.envs)), "step", [(action,) for action in actions])

@@ -15,7 +15,7 @@ import numpy as np
 from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
-from dreamerv2_tf.loop.clocks import Counter, Every
+from dreamerv2_tf.loop.clocks import Counter, Every, Stopwatch
 from dreamerv2_tf.loop.divergence import Diverged, DivergenceCheck
 from dreamerv2_tf.loop.logger import Logger
 from dreamerv2_tf.loop.rundir import (
@@ -106,6 +106,7 @@ class Training:
         self.config, self.logdir = config, logdir
         self.envs: list[Any] = []
         self.metrics: dict[str, list[float]] = collections.defaultdict(list)  # of the updates since the last log
+        self.stopwatch = Stopwatch()  # where the loop's wall clock goes, logged as time_* fractions
         self.stop = Stop()
         try:
             self._setup(env_fn, cluster)
@@ -132,7 +133,7 @@ class Training:
         if env_fn is None:  # built before TensorFlow loads, so a misspelt --task fails within a second
             self._make_envs(None)
 
-        from dreamerv2_tf.algo.agent import set_precision
+        from dreamerv2_tf.algo.agent import resolve_jit, set_precision
         from dreamerv2_tf.loop.distribute import Cluster
 
         self.cluster = cluster or Cluster("default")
@@ -145,6 +146,9 @@ class Training:
         dtypes = {"32": "float32", "16": "mixed float16", "bf16": "mixed bfloat16"}
         origin = "; chosen by precision auto" if config.precision == "auto" else ""
         print(f"precision: {self.precision} ({dtypes[self.precision]}{origin})")
+        jit = resolve_jit(config.jit)
+        origin = f"; chosen by jit auto: {'a GPU' if jit else 'no GPU'}" if config.jit == "auto" else ""
+        print(f"jit: {'XLA on' if jit else 'off'} (the train step{origin})")
         if env_fn is not None:  # a caller's env_fn: built after seeding, in case it draws from the global RNGs
             self._make_envs(env_fn)
         self._open_replays()
@@ -211,7 +215,8 @@ class Training:
 
         count_step = lambda transition, worker: self.step.increment(0 if transition["is_first"] else 1)  # noqa: E731
         self.train_driver = Driver(self.train_envs, on_step=[self.train_replay.add_step, count_step],
-                                   on_episode=[lambda episode, worker: self._on_episode("train", episode)])
+                                   on_episode=[lambda episode, worker: self._on_episode("train", episode)],
+                                   stopwatch=self.stopwatch)
         self.eval_driver = Driver([self.eval_env], on_step=[self.eval_replay.add_step],
                                   on_episode=[lambda episode, worker: self._on_episode("eval", episode)])
         self.last_video = {"train": -10**12}
@@ -243,6 +248,7 @@ class Training:
             should_save = Every(config.checkpoint_every, step.value, agree=chief)
             progress = Progress(config.steps, "training", initial=step.value)
             self.logger.rates(self.updates)
+            self.stopwatch.fractions()  # the loop's time starts here, after prefill and pretraining
             while self.running():
                 if should_eval(step.value) and config.eval_eps > 0:
                     self.evaluate()
@@ -289,10 +295,11 @@ class Training:
     def evaluate(self) -> None:
         """`eval_eps` episodes with the eval policy, one at a time so a stop request need not wait for all."""
         self.eval_driver.reset()
-        for _ in range(self.config.eval_eps):
-            if self.stop.requested:
-                break
-            self.eval_driver(lambda obs, state: self.agent.policy(obs, state, "eval"), episodes=1)
+        with self.stopwatch("eval"):
+            for _ in range(self.config.eval_eps):
+                if self.stop.requested:
+                    break
+                self.eval_driver(lambda obs, state: self.agent.policy(obs, state, "eval"), episodes=1)
 
     def collect(self) -> None:
         """`train_every` agent steps into the replay (offline: the counter alone advances)."""
@@ -305,27 +312,35 @@ class Training:
     def train(self) -> None:
         """`train_steps` updates, each checked so a non-finite state is never saved or trained on."""
         for index in range(self.config.train_steps):
-            result = self.divergence(self.agent.train(next(self.dataset), self.step.value), self.updates + index + 1)
+            with self.stopwatch("replay"):
+                batch = next(self.dataset)
+            with self.stopwatch("update"):  # the check reads the results, so this waits for the update
+                result = self.divergence(self.agent.train(batch, self.step.value), self.updates + index + 1)
             for key, value in result.items():
                 self.metrics[key].append(value)
         self.updates += self.config.train_steps
 
     def log(self) -> None:
-        """The mean of the update metrics since the last log, the replay's size, and a world-model report."""
+        """The mean of the update metrics since the last log, the replay's size, a world-model report, and
+        the fractions of the wall clock since the last log spent in each part of the loop."""
         logger, replay = self.logger, self.train_replay
-        logger.add({key: float(np.mean(values)) for key, values in self.metrics.items()})
-        self.metrics.clear()
-        logger.add({"replay_steps": replay.num_steps, "replay_episodes": replay.num_episodes,
-                    "updates": self.updates})
-        logger.add({key: value.numpy() for key, value in self.agent.report(next(self.dataset)).items()})
+        with self.stopwatch("log"):
+            logger.add({key: float(np.mean(values)) for key, values in self.metrics.items()})
+            self.metrics.clear()
+            logger.add({"replay_steps": replay.num_steps, "replay_episodes": replay.num_episodes,
+                        "updates": self.updates})
+            logger.add({key: value.numpy() for key, value in self.agent.report(next(self.dataset)).items()})
+        logger.add(self.stopwatch.fractions())
         logger.rates(self.updates)
-        logger.write(fps=True)
+        with self.stopwatch("log"):  # counted in the next interval's fractions
+            logger.write(fps=True)
 
     def save(self) -> None:
         """A checkpoint of the agent and the step; never one with NaN weights in place of a good one."""
-        self.divergence.check_weights(self.agent.network_variables())
-        self.saved_step.assign(self.step.value)
-        self.checkpointer.save(self.step.value)
+        with self.stopwatch("save"):
+            self.divergence.check_weights(self.agent.network_variables())
+            self.saved_step.assign(self.step.value)
+            self.checkpointer.save(self.step.value)
 
     def close(self) -> None:
         for env in self.envs:
