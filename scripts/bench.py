@@ -10,9 +10,13 @@ Config names and `--key value` overrides work as in train.py (precision and jit 
 config keys). Bench-only flags (the config's own `steps` key does not matter here):
   --steps N         timed training updates (default 10)
   --warmup N        untimed updates and policy steps first; the first one traces and compiles (default 2)
-  --policy_steps N  timed single-environment policy steps, mode train, carrying the state (default 50)
+  --policy_steps N  timed policy steps, mode train, carrying the state, for 1, 4 and 16 envs in one
+                    batched call (default 50)
   --obs KEY:SHAPE   observation keys and shapes, e.g. image:64,64,3 vector:24; rank-3 shapes are uint8 images
   --act KIND:N      action space, discrete:N (one-hot) or continuous:N
+  --loop N          instead: the real training loop on the config's task for N updates (real envs, replay,
+                    one log write and one checkpoint), with seconds per update by part and the fraction
+                    of wall clock outside the update at the config's log and checkpoint cadence
 
 Without --obs/--act the spaces follow the task name, without creating an environment:
 atari_* image (size, 1 or 3 with atari.grayscale false) and 18 actions; crafter_* image
@@ -42,9 +46,10 @@ from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.tools import flops as flopslib
 
-BENCH_DEFAULTS = {"steps": 10, "warmup": 2, "policy_steps": 50}
-BENCH_MINIMUM = {"steps": 1, "warmup": 0, "policy_steps": 0}
+BENCH_DEFAULTS = {"steps": 10, "warmup": 2, "policy_steps": 50, "loop": 0}
+BENCH_MINIMUM = {"steps": 1, "warmup": 0, "policy_steps": 0, "loop": 0}
 ACT_KINDS = ("discrete", "continuous")
+POLICY_ENVS = (1, 4, 16)  # batch sizes of the timed policy calls
 # Spaces by task prefix when --obs/--act are not given: (image channels or None, vectors, act kind, act size).
 TASK_SPACES = {
     "atari": ("atari", {}, "discrete", 18),
@@ -182,6 +187,25 @@ def synthetic_batch(obs_shapes: Mapping[str, tuple[int, ...]], act_dim: int, dis
     return data
 
 
+def policy_stepper(agent: Any, obs_shapes: Mapping[str, tuple[int, ...]], act_dim: int, discrete: bool,
+                   envs: int, seed: int) -> Any:
+    """A function that takes one `train`-mode policy step for `envs` envs, carrying the state, on a few
+    distinct observations in turn; the first step sets is_first."""
+    import numpy as np
+
+    frames = synthetic_batch(obs_shapes, act_dim, discrete, envs, 8, seed)
+    observations = [{k: frames[k][:, t] for k in obs_shapes} for t in range(8)]
+    carried = {"state": None, "count": 0}
+
+    def step() -> None:
+        obs = dict(observations[carried["count"] % len(observations)],
+                   is_first=np.full(envs, carried["state"] is None))
+        _, carried["state"] = agent.policy(obs, carried["state"], mode="train")
+        carried["count"] += 1
+
+    return step
+
+
 def _timed(fn, count: int) -> list[float]:
     times = []
     for _ in range(count):
@@ -273,22 +297,13 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
     if not all(np.isfinite(value).all() for value in last.values()):
         log("bench: warning: non-finite training metrics on synthetic data")
 
-    # A few distinct single-env observations, cycled; the first step of the episode sets is_first.
-    frames = synthetic_batch(obs_shapes, act_dim, discrete, 1, 8, config.seed + 1)
-    observations = [{k: frames[k][:, t] for k in obs_shapes} for t in range(8)]
-    state, count = None, 0
-
-    def policy_step():
-        nonlocal state, count
-        obs = dict(observations[count % len(observations)], is_first=np.array([state is None]))
-        _, state = agent.policy(obs, state, mode="train")
-        count += 1
-
-    policy_ms: list[float] = []
+    policy_ms: dict[int, list[float]] = {envs: [] for envs in POLICY_ENVS}
     if options["policy_steps"]:
-        _timed(policy_step, max(1, options["warmup"]))
-        log(f"bench: timing {options['policy_steps']} policy step(s)")
-        policy_ms = _timed(policy_step, options["policy_steps"])
+        for envs in POLICY_ENVS:
+            step = policy_stepper(agent, obs_shapes, act_dim, discrete, envs, config.seed + 1)
+            _timed(step, max(1, options["warmup"]))
+            log(f"bench: timing {options['policy_steps']} policy step(s) for {envs} env(s)")
+            policy_ms[envs] = _timed(step, options["policy_steps"])
 
     median_s = statistics.median(train_ms) / 1000.0
     matmul = matmul_flops_per_s()
@@ -309,7 +324,10 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
         "compile_s": compile_s,
         "train_step_ms": _stats(train_ms, ("median", "min", "mean", "max")),
         "policy_steps": options["policy_steps"],
-        "policy_step_ms": _stats(policy_ms, ("median", "min", "mean")),
+        "policy_step_ms": _stats(policy_ms[1], ("median", "min", "mean")),
+        # One batched policy call for N envs, per env: what an env step costs the agent with N envs.
+        "policy_ms_per_env_step": {str(envs): round(statistics.median(times) / envs, 3)
+                                   for envs, times in policy_ms.items() if times},
         "imagined_states_per_s": round(batch * length * horizon / median_s, 1),
         "replayed_steps_per_s": round(batch * length / median_s, 1),
         "flops_per_update": flops["total"],
@@ -325,6 +343,24 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
         "keras": keras.__version__,
         "python": platform.python_version(),
     }
+
+
+def bench_training_loop(config: configlib.Config, names: Sequence[str], options: Mapping[str, Any]) -> dict:
+    """`--loop N`: the training loop's own timings (tools/loopbench.py) and what they were measured on."""
+    import keras
+    import tensorflow as tf
+
+    from dreamerv2_tf.algo.agent import resolve_jit, resolve_precision
+    from dreamerv2_tf.tools.loopbench import bench_loop
+
+    load_start = os.getloadavg()[0]
+    log(f"bench: the training loop of {config.task} ({', '.join(names)}) for {options['loop']} update(s)")
+    loop = bench_loop(config, options["loop"], max(1, options["warmup"]))
+    return {"config": list(names), "task": config.task, "precision": resolve_precision(config.precision),
+            "jit": resolve_jit(config.jit), "batch": config.dataset.batch, "length": config.dataset.length,
+            "train_every": config.train_every, "loop": loop, "device": device_name(),
+            "load_avg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -344,13 +380,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(config.to_yaml(), end="")
         sys.exit(0)
     names = cli.split_flags(config_argv).get("configs") or ["defaults"]
+    run = bench if not options["loop"] else bench_training_loop
 
     # Anything a library prints while benchmarking goes to stderr: stdout carries only the JSON.
     stdout = os.dup(1)
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        result = bench(config, names, options)
+        result = run(config, names, options)
     except (configlib.ConfigError, ValueError) as exc:
         cli.fail(str(exc))
     except Exception as exc:

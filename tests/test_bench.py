@@ -50,6 +50,9 @@ def test_bench_prints_one_json_object_with_every_field():
     assert train["min"] <= train["mean"] <= train["max"]
     policy = result["policy_step_ms"]
     assert 0 < policy["min"] <= policy["median"]
+    per_env = result["policy_ms_per_env_step"]
+    assert set(per_env) == {"1", "4", "16"} and all(value > 0 for value in per_env.values())
+    assert per_env["1"] == pytest.approx(policy["median"], abs=1e-3)  # the same timings for one env
     assert result["compile_s"] > 0
 
     median_s = train["median"] / 1000
@@ -69,8 +72,31 @@ def test_bench_prints_one_json_object_with_every_field():
     assert result["tensorflow"].startswith("2.")
 
 
+def test_loop_mode_times_the_training_loop_on_the_real_task():
+    proc = run_bench("--configs", "defaults", "debug", "--loop", "6", "--warmup", "1",
+                     "--time_limit", "100", "--action_repeat", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["task"] == "atari_pong" and result["train_every"] == 10
+    loop = result["loop"]
+    assert loop["updates"] == 6 and loop["agent_steps"] == 60
+    parts = loop["seconds_per_update"]
+    assert set(parts) == {"update", "policy", "env", "replay", "other"}
+    assert parts["update"] > 0 and parts["policy"] > 0 and parts["env"] > 0
+    assert loop["agent_steps_per_s"] == pytest.approx(60 / loop["loop_s"], rel=1e-2)
+    assert loop["log_s"] > 0 and loop["save_s"] > 0  # one of each, timed
+    # debug: a log every 100 agent steps = 10 updates, a checkpoint every 500 = 50.
+    assert loop["updates_per_log"] == 10 and loop["updates_per_save"] == 50
+    fractions = loop["fractions_at_config_cadence"]
+    assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-3)
+    assert fractions["log"] == pytest.approx(loop["log_s"] / 10 / sum(
+        [*parts.values(), loop["log_s"] / 10, loop["save_s"] / 50]), rel=0.02)
+    assert loop["outside_update_fraction"] == pytest.approx(1 - fractions["update"], abs=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--configs", "defaults", "nope"], "unknown config name 'nope'"),
+    (["--loop", "-1"], "--loop must be at least 0"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--warmup", "x"], "--warmup needs an integer"),
     (["--obs", "image", "--act", "discrete:4"], "--obs item 'image'"),

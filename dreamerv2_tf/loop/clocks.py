@@ -44,30 +44,42 @@ class Every:
 
 
 class Stopwatch:
-    """Wall-clock time spent in named sections, as fractions of the time since the last `fractions()`.
+    """Wall-clock time spent in named sections: as fractions of the time since the last `fractions()`,
+    and in total seconds since `start()` (or creation).
 
     Sections must not nest, so the fractions add up to at most 1 (the rest is the loop's own bookkeeping).
     """
 
     def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """Forget everything so far: both the interval and the totals begin now."""
         self._spent: dict[str, float] = {}
-        self._since = time.perf_counter()
+        self._total: dict[str, float] = {}
+        self._since = self._started = time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        begin = time.perf_counter()
         try:
             yield
         finally:
-            self._spent[name] = self._spent.get(name, 0.0) + time.perf_counter() - start
+            spent = time.perf_counter() - begin
+            self._spent[name] = self._spent.get(name, 0.0) + spent
+            self._total[name] = self._total.get(name, 0.0) + spent
 
     def fractions(self, prefix: str = "time_") -> dict[str, float]:
-        """{prefix + name: fraction of the wall clock} since the last call (or creation), then starts over."""
+        """{prefix + name: fraction of the wall clock} since the last call (or start), then a new interval."""
         now = time.perf_counter()
         wall = max(now - self._since, 1e-9)
         result = {prefix + name: spent / wall for name, spent in self._spent.items()}
         self._spent, self._since = {}, now
         return result
+
+    def totals(self) -> tuple[float, dict[str, float]]:
+        """(wall seconds since start, {name: seconds spent in it since start})."""
+        return time.perf_counter() - self._started, dict(self._total)
 
 
 __all__ = ["Counter", "Every", "Stopwatch"]

@@ -248,7 +248,7 @@ class Training:
             should_save = Every(config.checkpoint_every, step.value, agree=chief)
             progress = Progress(config.steps, "training", initial=step.value)
             self.logger.rates(self.updates)
-            self.stopwatch.fractions()  # the loop's time starts here, after prefill and pretraining
+            self.stopwatch.start()  # the loop's time starts here, after prefill and pretraining
             while self.running():
                 if should_eval(step.value) and config.eval_eps > 0:
                     self.evaluate()
