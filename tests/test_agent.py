@@ -107,6 +107,34 @@ def test_invalid_policy_mode_and_precision_raise(discrete_agent):
         resolve_precision("64")
 
 
+def test_compiled_policy_acts_like_the_eager_one():
+    # Eval mode with the posterior mode and the actor's mode draws nothing at random, so the tf.function
+    # graph (with its pruned prior) and eager execution of the same code must give the same actions.
+    obs, act = obs_space(IMAGE), discrete_actions(3)
+    agent = make_agent(obs, act, {**SMALL, "eval_state_mean": True}, seed=7)
+    data = random_batch(obs, act, batch=3, length=4, seed=8)
+    steps = [first_step(data, t) for t in range(4)]
+
+    def run():
+        state, actions = None, []
+        for t, step in enumerate(steps):
+            step["is_first"] = np.full(3, t == 0)
+            action, state = agent.policy(step, state, "eval")
+            actions.append(action["action"])
+        return np.stack(actions), state
+
+    compiled, compiled_state = run()
+    tf.config.run_functions_eagerly(True)
+    try:
+        eager, eager_state = run()
+    finally:
+        tf.config.run_functions_eagerly(False)
+    np.testing.assert_array_equal(compiled, eager)
+    np.testing.assert_allclose(compiled_state[0]["logit"].numpy(), eager_state[0]["logit"].numpy(), rtol=1e-5,
+                               atol=1e-6)
+    assert len({tuple(row) for row in compiled.reshape(-1, 3)}) > 1  # the actions depend on the input
+
+
 @pytest.mark.parametrize("devices, auto", [([], False), (["/device:GPU:0"], True)])
 def test_jit_auto_is_xla_on_a_gpu_and_off_on_cpus(monkeypatch, devices, auto):
     asked = []
