@@ -338,10 +338,21 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
     return config
 
 
+# Keys whose values are regular expressions (over observation or episode keys).
+REGEX_KEYS = r"(encoder|decoder)\.(cnn|mlp)_keys|log_keys_(sum|mean|max)"
+
+
 def validate(config: Config) -> None:
-    """Refuse enumerated values outside CHOICES and numbers outside BOUNDS (ConfigError, one line)."""
+    """Refuse enumerated values outside CHOICES, numbers outside BOUNDS and broken regular expressions
+    (ConfigError, one line)."""
     check_choices(config)
     check_values(config)
+    for key, value in config.flat().items():
+        if re.fullmatch(REGEX_KEYS, key):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{key}: not a valid regular expression ({exc}), got {value!r}") from None
 
 
 def check_choices(config: Config) -> None:

@@ -359,6 +359,8 @@ def test_coerce_uses_the_default_type():
     (["atari"], ["atari"]),
     (["--precision", "fp16"], ["precision must be one of auto, 32, 16, bf16", "fp16"]),
     ([r"--.*\.norm", "batch"], ["norm must be one of none, layer", "batch"]),
+    (["--log_keys_max", "^log_(achievement"], ["log_keys_max: not a valid regular expression", "^log_(achievement"]),
+    (["--encoder.cnn_keys", "*image"], ["encoder.cnn_keys: not a valid regular expression"]),
 ])
 def test_cli_user_errors_exit_2_with_one_line(args, needles):
     assert_user_error(cli(*args), *needles)

@@ -525,6 +525,15 @@ def test_episode_metrics_returns_lengths_and_log_keys():
     metrics = trainlib.episode_metrics(episode, "eval")
     assert metrics == {"eval_return": 2.5, "eval_length": 3.0, "eval_task_return": 2.0,
                        "eval_achievement_x": 1.0}
+    episode["log_position"] = np.array([[0.0, 4.0], [2.0, 1.0], [1.0, 0.0], [3.0, 2.0]])
+    patterns = {"sum": "^log_reward$", "mean": "^(reward|log_position)$", "max": "^log_"}
+    metrics = trainlib.episode_metrics(episode, "train", patterns)
+    assert metrics["train_sum_log_reward"] == 2.0
+    assert metrics["train_mean_reward"] == 0.625 and metrics["train_mean_log_position"] == 1.625
+    assert metrics["train_max_log_achievement_x"] == 1.0 and metrics["train_max_log_reward"] == 1.0
+    assert metrics["train_max_log_position"] == 3.5  # the mean over dimensions of each one's maximum
+    assert not any(key.startswith(("train_sum_", "train_mean_")) and key.endswith("achievement_x")
+                   for key in metrics)  # a regex matches from the key's start, as re.match does
 
 
 def test_default_logdir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import sys
 import tempfile
@@ -222,7 +223,9 @@ class Training:
         self.last_video = {"train": -10**12}
 
     def _on_episode(self, prefix: str, episode: Mapping[str, np.ndarray]) -> None:
-        metrics = episode_metrics(episode, prefix)
+        config = self.config
+        patterns = {"sum": config.log_keys_sum, "mean": config.log_keys_mean, "max": config.log_keys_max}
+        metrics = episode_metrics(episode, prefix, patterns)
         if prefix == "eval":
             print(f"eval episode: return {metrics['eval_return']:.1f}, length {metrics['eval_length']:.0f}")
         self.logger.add(metrics)
@@ -374,7 +377,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         tf.random.set_global_generator(tf.random.Generator.from_seed(seed))
 
 
-def episode_metrics(episode: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:
+# Episode statistics by key pattern (config log_keys_sum / _mean / _max, the release's names).
+EPISODE_STATS = {"sum": lambda value: np.sum(value), "mean": lambda value: np.mean(value),
+                 "max": lambda value: np.max(value, 0).mean()}  # a vector key: the mean of its maxima
+
+
+def episode_metrics(episode: Mapping[str, np.ndarray], prefix: str,
+                    patterns: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Return, length, the `log_` keys, and `<prefix>_<stat>_<key>` for every key that `patterns`
+    ({'sum' | 'mean' | 'max': regex}) matches from its start."""
     metrics = {f"{prefix}_return": float(np.sum(episode["reward"])),
                f"{prefix}_length": float(len(episode["reward"]) - 1)}
     for key, value in episode.items():
@@ -382,6 +393,9 @@ def episode_metrics(episode: Mapping[str, np.ndarray], prefix: str) -> dict[str,
             metrics[f"{prefix}_task_return"] = float(np.sum(value))
         elif key.startswith("log_"):  # counters such as achievements: their final value
             metrics[f"{prefix}_{key[4:]}"] = float(np.max(value))
+        for stat, pattern in (patterns or {}).items():
+            if re.match(pattern, key):
+                metrics[f"{prefix}_{stat}_{key}"] = float(EPISODE_STATS[stat](np.asarray(value, np.float64)))
     return metrics
 
 
