@@ -56,6 +56,21 @@ def test_atari_pong_protocol_spaces():
         env.close()
 
 
+def test_atari_ram_is_the_emulators_memory_after_each_step():
+    env = make_env("atari_pong", action_repeat=4, atari={"ram": True})
+    try:
+        assert env.obs_space["ram"] == spaces.Box(0, 255, (128,), np.uint8)
+        observations = run_random(env, 60)
+        for obs in observations[:3]:
+            check_obs(env, obs)
+        np.testing.assert_array_equal(observations[-1]["ram"], env.ale.getRAM())
+        rams = np.stack([obs["ram"] for obs in observations])
+        assert len({row.tobytes() for row in rams}) > 30  # it changes as the game goes on
+    finally:
+        env.close()
+    assert "ram" not in make_env("atari_pong").obs_space  # off by default
+
+
 def test_atari_options_rgb_minimal_actions():
     env = make_env("atari_pong", action_repeat=4, size=(48, 40), atari={"grayscale": False, "all_actions": False})
     try:

@@ -166,6 +166,18 @@ def test_preprocess_scales_images_transforms_rewards_and_sets_discount_targets()
     np.testing.assert_allclose(out["discount"].numpy(), want)
 
 
+def test_preprocess_scales_uint8_vectors_like_images_and_leaves_float_vectors():
+    wm = make_world_model(shapes={"image": IMAGE, "ram": (128,), "vector": (3,)})
+    data = image_batch()
+    rng = np.random.default_rng(3)
+    data["ram"] = rng.integers(0, 256, (2, 5, 128), dtype=np.uint8)
+    data["vector"] = rng.normal(size=(2, 5, 3)).astype(np.float32) * 100
+    out = wm.preprocess(data)
+    np.testing.assert_allclose(out["ram"].numpy(), data["ram"] / 255.0 - 0.5, atol=1e-6)
+    np.testing.assert_array_equal(out["vector"].numpy(), data["vector"])
+    assert np.isfinite(wm.loss(data)[0].numpy())  # the RAM reaches the MLP encoder and decoder
+
+
 def test_world_model_loss_falls_on_a_fixed_batch():
     wm = make_world_model({"model_opt.lr": 1e-3})
     data = image_batch(batch=4, length=10, seed=1)

@@ -65,11 +65,12 @@ class WorldModel(tf.Module):
         self.opt.build(self.variables_to_train)
 
     def preprocess(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Images to [-0.5, 0.5], transformed rewards, discount targets (0 at terminal steps)."""
+        """Images and other uint8 inputs (Atari's RAM) to [-0.5, 0.5], transformed rewards, discount
+        targets (0 at terminal steps)."""
         # Tensors from here on: the RSSM reads static ranks, which numpy batches (eager calls) lack.
         out = {k: tf.convert_to_tensor(v) for k, v in data.items()}
         for key, shape in self.obs_shapes.items():
-            if len(shape) == 3 and key in out:
+            if key in out and (len(shape) == 3 or out[key].dtype == tf.uint8):
                 out[key] = tf.cast(out[key], tf.float32) / 255.0 - 0.5
         if "reward" in out:
             out["reward"] = self._reward_transform(tf.cast(out["reward"], tf.float32))

@@ -21,7 +21,7 @@ __all__ = ["Env", "make_env", "make_envs", "check_task", "wrap", "action_size", 
 PREFIXES = ("atari", "dmc", "crafter", "minatar", "gym")
 MODES = ("train", "eval")
 PARALLEL = CHOICES["envs_parallel"]
-ATARI_DEFAULTS = {"sticky": True, "all_actions": True, "noops": 0, "grayscale": True, "lives": False}
+ATARI_DEFAULTS = {"sticky": True, "all_actions": True, "noops": 0, "grayscale": True, "lives": False, "ram": False}
 DMC_DEFAULTS = {"camera": -1}
 MINATAR_DEFAULTS = {"sticky": 0.1, "all_actions": True, "ramping": True}
 
@@ -95,7 +95,7 @@ def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: in
         env: Any = Atari(rest, seed=seed, action_repeat=action_repeat, size=size,
                          sticky=bool(options["sticky"]), all_actions=bool(options["all_actions"]),
                          noops=int(options["noops"]), grayscale=bool(options["grayscale"]),
-                         lives=bool(options["lives"]))
+                         lives=bool(options["lives"]), ram=bool(options["ram"]))
     elif prefix == "dmc":
         from dreamerv2_tf.envs.dmc import DMC
 

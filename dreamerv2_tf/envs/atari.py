@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 
 from dreamerv2_tf.envs import base
 
@@ -42,6 +43,7 @@ GAMES = {
     "yars_revenge": "YarsRevenge", "zaxxon": "Zaxxon",
 }
 
+RAM_BYTES = 128  # the Atari 2600's RAM
 STICKY_PROB = 0.25  # Machado et al. (2018): ALE repeats the previous frame's action with this probability.
 
 
@@ -89,13 +91,14 @@ class Atari:
 
     `action_repeat` emulator frames per step (max over the last two), `sticky` turns on ALE's
     sticky actions, `all_actions` selects the 18 legal actions instead of the game's minimal
-    set, `noops` is the most random no-op frames at the start of each game, and `lives` ends
-    an episode (as terminal) at every lost life.
+    set, `noops` is the most random no-op frames at the start of each game, `lives` ends
+    an episode (as terminal) at every lost life, and `ram` adds the console's 128 bytes of RAM
+    after each step as the uint8 vector 'ram'.
     """
 
     def __init__(self, game: str, *, seed: int = 0, action_repeat: int = 4,
                  size: tuple[int, int] = (64, 64), sticky: bool = True, all_actions: bool = True,
-                 noops: int = 0, grayscale: bool = True, lives: bool = False) -> None:
+                 noops: int = 0, grayscale: bool = True, lives: bool = False, ram: bool = False) -> None:
         import gymnasium
         from gymnasium.wrappers import AtariPreprocessing
 
@@ -121,8 +124,11 @@ class Atari:
         self._lives = bool(lives)
         self._seed: int | None = int(seed)  # used by the first reset only; later ones continue its RNG
         self._continue_game = False  # the last episode ended by a lost life, the game is not over
+        self._ram = bool(ram)
         self.obs_space = {"image": base.image_space((height, width), 1 if grayscale else 3),
                           **base.flag_spaces()}
+        if self._ram:
+            self.obs_space["ram"] = spaces.Box(0, 255, (RAM_BYTES,), np.uint8)
         self.act_space = base.discrete_act_space(self._env.action_space.n)
 
     @property
@@ -143,7 +149,7 @@ class Atari:
             # limit, or a driver reset in the middle of an episode).
             seed, self._seed = self._seed, None
             image, _ = self._env.reset(seed=seed)
-        return {"image": image, **base.flags(first=True)}
+        return self._obs(image, base.flags(first=True))
 
     def step(self, action: Mapping[str, Any]) -> dict[str, np.ndarray]:
         index = base.discrete_index(action, int(self.act_space["action"].n))
@@ -152,10 +158,16 @@ class Atari:
         self._continue_game = bool(self._lives and terminated
                                    and not self.ale.game_over(with_truncation=False))
         last = bool(terminated or truncated)  # ALE never truncates here: its frame cap is off
-        return {"image": image, **base.flags(float(reward), last=last, terminal=bool(terminated))}
+        return self._obs(image, base.flags(float(reward), last=last, terminal=bool(terminated)))
 
     def close(self) -> None:
         self._env.close()
+
+    def _obs(self, image: np.ndarray, flags: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        obs = {"image": image, **flags}
+        if self._ram:
+            obs["ram"] = np.array(self.ale.getRAM(), np.uint8)  # a copy: ALE reuses its buffer
+        return obs
 
     def _current_frame(self) -> np.ndarray:
         """The current screen as the wrapper's reset presents it, without starting a new game."""
