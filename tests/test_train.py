@@ -190,6 +190,11 @@ def test_tensorboard_has_the_same_scalars_and_gif_videos(pong_run):
     assert "eval_policy_image" in videos
     width, height, blob = tensor_util.make_ndarray(accumulator.Tensors("eval_policy_image")[-1].tensor_proto)
     assert (int(width), int(height)) == (64, 64) and blob[:4] == b"GIF8"
+    # The open-loop report on evaluation episodes, beside the one on training data: truth | model | error.
+    assert {"openl_image", "eval_openl_image"} <= set(videos)
+    width, height, _ = tensor_util.make_ndarray(accumulator.Tensors("eval_openl_image")[-1].tensor_proto)
+    assert (int(width), int(height)) == (4 * 64, 3 * 64)  # the debug batch of 4 side by side
+    assert list((logdir / "videos").glob("eval_openl_image_*.gif"))
 
 
 # ---- SIGINT ----------------------------------------------------------------------------------------------

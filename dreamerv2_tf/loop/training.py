@@ -221,6 +221,7 @@ class Training:
         self.eval_driver = Driver([self.eval_env], on_step=[self.eval_replay.add_step],
                                   on_episode=[lambda episode, worker: self._on_episode("eval", episode)])
         self.last_video = {"train": -10**12}
+        self.eval_dataset = None
 
     def _on_episode(self, prefix: str, episode: Mapping[str, np.ndarray]) -> None:
         config = self.config
@@ -296,13 +297,21 @@ class Training:
         self.updates = int(self.agent.step.numpy())
 
     def evaluate(self) -> None:
-        """`eval_eps` episodes with the eval policy, one at a time so a stop request need not wait for all."""
+        """`eval_eps` episodes with the eval policy, one at a time so a stop request need not wait for all,
+        then the world-model report (open-loop video) on sequences of the evaluation episodes."""
         self.eval_driver.reset()
         with self.stopwatch("eval"):
             for _ in range(self.config.eval_eps):
                 if self.stop.requested:
                     break
                 self.eval_driver(lambda obs, state: self.agent.policy(obs, state, "eval"), episodes=1)
+            if self.agent.video_keys and self.eval_replay.num_episodes and not self.stop.requested:
+                if self.eval_dataset is None:  # sampled on request: only evaluations read it
+                    config = self.config
+                    self.eval_dataset = iter(self.eval_replay.dataset(config.dataset.batch, config.dataset.length,
+                                                                      prefetch=False))
+                report = self.agent.report(next(self.eval_dataset))
+                self.logger.add({key: value.numpy() for key, value in report.items()}, prefix="eval")
 
     def collect(self) -> None:
         """`train_every` agent steps into the replay (offline: the counter alone advances)."""
