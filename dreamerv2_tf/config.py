@@ -31,7 +31,9 @@ CHOICES = {
     "envs_parallel": ("none", "thread", "process"),
     "clip_rewards": ("identity", "tanh", "sign"),
     "actor_grad": ("reinforce", "dynamics", "both", "auto"),
-    "expl_behavior": ("greedy", "random"),
+    "expl_behavior": ("greedy", "random", "plan2explore", "model_loss"),
+    "disag_target": ("stoch", "deter", "embed", "feat"),
+    "expl_model_loss": ("kl",),
     r".*\.act": ("elu", "relu", "swish", "tanh", "none"),
     r".*\.norm": ("none", "layer"),
     r"rssm\.std_act": ("softplus", "sigmoid", "sigmoid2"),
@@ -54,11 +56,12 @@ BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     r"discount|slow_target_fraction": _half_open_unit,
     r"discount_lambda|kl\.balance|actor_grad_mix|minatar\.sticky": _unit,
     r"imag_horizon|dataset\.(batch|length)|train_every|envs|action_repeat|slow_target_update|replay\.minlen"
+    r"|disag_offset"
     r"|size|rssm\.(hidden|deter|stoch)|(encoder|decoder)\.(cnn_depth|cnn_kernels|mlp_layers)|.*\.units":
         _at_least_1,
     r"steps|prefill|pretrain|train_steps|eval_eps|time_limit|train_time_limit|checkpoint_keep"
     r"|replay\.(capacity|maxlen)|rssm\.discrete|atari\.noops|kl\.free|loss_scales\..*|actor_ent"
-    r"|expl_noise|eval_noise|.*\.min_std": _non_negative,
+    r"|expl_noise|eval_noise|.*\.min_std|expl_(intr|extr)_scale": _non_negative,
 }
 
 # Keys that are 'auto' or a boolean, stored as the strings 'auto', 'true' and 'false'.

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from dreamerv2_tf.algo.behavior import ActorCritic
+from dreamerv2_tf.algo.explore import EXPLORERS
 from dreamerv2_tf.algo.world_model import WorldModel
 from dreamerv2_tf.config import CHOICES
 from dreamerv2_tf.loop import distribute
@@ -99,6 +100,12 @@ class Agent(tf.Module):
                               env_step=self.env_step)
         self.wm.build()
         self.ac.build()
+        # plan2explore / model_loss: an exploration actor-critic with its own reward, used by mode 'explore'.
+        self.explorer = None
+        if self.expl_behavior in EXPLORERS:
+            self.explorer = EXPLORERS[self.expl_behavior](self.wm, self.act_dim, self.discrete, config, mixed16,
+                                                          env_step=self.env_step)
+            self.explorer.build()
         self._train = distribute.replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
         self._report = tf.function(self._report_step)
         self._policies = {mode: tf.function(lambda obs, state, m=mode: self._policy_step(obs, state, m))
@@ -112,13 +119,18 @@ class Agent(tf.Module):
         variables = list(self.wm.variables_to_train)
         for network in {id(n): n for n in (self.ac.actor, self.ac.critic, self.ac.slow_critic)}.values():
             variables += list(network.weights)
-        return variables
+        return variables + (self.explorer.network_variables() if self.explorer else [])
 
     def param_counts(self) -> dict[str, int]:
         count = lambda vs: int(sum(np.prod(v.shape) for v in vs))  # noqa: E731
-        return {"world_model": count(self.wm.variables_to_train),
-                "actor": count(self.ac.actor.trainable_variables),
-                "critic": count(self.ac.critic.trainable_variables)}
+        counts = {"world_model": count(self.wm.variables_to_train),
+                  "actor": count(self.ac.actor.trainable_variables),
+                  "critic": count(self.ac.critic.trainable_variables)}
+        if self.explorer:
+            explorer = self.explorer
+            counts[self.expl_behavior] = count(explorer.trainable_heads + explorer.ac.actor.trainable_variables
+                                               + explorer.ac.critic.trainable_variables)
+        return counts
 
     def initial_state(self, batch: int):
         latent = self.wm.rssm.initial(batch)
@@ -143,7 +155,8 @@ class Agent(tf.Module):
         sample = mode != "eval" or not self.eval_state_mean
         latent, _ = self.wm.rssm.obs_step(latent, action, embed, obs["is_first"], sample)
         feat = self.wm.rssm.get_feat(latent)
-        dist = self.ac.actor(feat)
+        actor = self.explorer.ac.actor if mode == "explore" and self.explorer else self.ac.actor
+        dist = actor(feat)
         if mode == "eval":
             action, noise = dist.mode(), self.eval_noise
         elif mode == "random" or (mode == "explore" and self.expl_behavior == "random"):
@@ -186,6 +199,9 @@ class Agent(tf.Module):
         if self.train_behavior:
             reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
             metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
+            if self.explorer:
+                explore = self.explorer.train(self.wm, outputs["post"], outputs, data)
+                metrics.update({f"expl_{key}": value for key, value in explore.items()})
         self.step.assign_add(1)
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 

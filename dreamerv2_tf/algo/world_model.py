@@ -61,7 +61,8 @@ class WorldModel(tf.Module):
                 for k, s in self.obs_shapes.items()}
         data.update(action=tf.zeros([batch, 1, self.act_dim]), reward=tf.zeros([batch, 1]),
                     is_first=tf.ones([batch, 1], tf.bool), is_terminal=tf.zeros([batch, 1], tf.bool))
-        self.loss(data)
+        outputs = self.loss(data)[2]
+        self.embed_size = int(outputs["embed"].shape[-1])
         self.opt.build(self.variables_to_train)
 
     def preprocess(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -102,7 +103,7 @@ class WorldModel(tf.Module):
         metrics["prior_ent"] = tf.reduce_mean(self.rssm.get_dist(prior).entropy())
         metrics["post_ent"] = tf.reduce_mean(self.rssm.get_dist(post).entropy())
         last_state = {k: v[:, -1] for k, v in post.items()}
-        outputs = {"embed": embed, "feat": feat, "post": post, "prior": prior}
+        outputs = {"embed": embed, "feat": feat, "post": post, "prior": prior, "kl": kl_value}
         return model_loss, last_state, outputs, metrics
 
     def _scale(self, key: str) -> float:

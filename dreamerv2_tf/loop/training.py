@@ -318,7 +318,7 @@ class Training:
         if self.offline:
             self.step.increment(self.config.train_every)
             return
-        mode = "explore" if self.step.value < self.config.expl_until else "train"
+        mode = policy_mode(self.step.value, self.config.expl_until)
         self.train_driver(lambda obs, state: self.agent.policy(obs, state, mode), steps=self.config.train_every)
 
     def train(self) -> None:
@@ -373,6 +373,12 @@ def prefill_replay(driver: Any, policy: Any, step: Counter, replay: Any, steps: 
         progress.update_to(step.value)
     progress.close()
     driver.reset()
+
+
+def policy_mode(step: int, expl_until: int) -> str:
+    """The training policy's mode: 'explore' before agent step `expl_until` (for the whole run when it is 0,
+    as in the release), then 'train'."""
+    return "explore" if not expl_until or step < expl_until else "train"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
