@@ -32,7 +32,7 @@ CHOICES = {
     "clip_rewards": ("identity", "tanh", "sign"),
     "actor_grad": ("reinforce", "dynamics", "both", "auto"),
     "expl_behavior": ("greedy", "random", "plan2explore", "model_loss"),
-    "disag_target": ("stoch", "deter", "embed", "feat"),
+    "disag_target": ("stoch", "deter", "embed", "feat", "prior"),
     "expl_model_loss": ("kl",),
     r".*\.act": ("elu", "relu", "swish", "tanh", "none"),
     r".*\.norm": ("none", "layer"),
@@ -57,7 +57,7 @@ BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
     r"discount_lambda|kl\.balance|actor_grad_mix|minatar\.sticky": _unit,
     r"imag_horizon|dataset\.(batch|length)|train_every|envs|action_repeat|slow_target_update|replay\.minlen"
     r"|disag_offset"
-    r"|size|rssm\.(hidden|deter|stoch)|(encoder|decoder)\.(cnn_depth|cnn_kernels|mlp_layers)|.*\.units":
+    r"|size|rssm\.(hidden|deter|stoch|ensemble)|(encoder|decoder)\.(cnn_depth|cnn_kernels|mlp_layers)|.*\.units":
         _at_least_1,
     r"steps|prefill|pretrain|train_steps|eval_eps|time_limit|train_time_limit|checkpoint_keep"
     r"|replay\.(capacity|maxlen)|rssm\.discrete|atari\.noops|kl\.free|loss_scales\..*|actor_ent"

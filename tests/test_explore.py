@@ -124,3 +124,33 @@ def test_from_checkpoint_restores_the_ensemble_and_the_exploration_actor(p2e, tm
 def test_bad_settings_are_refused(p2e):
     with pytest.raises(ValueError, match="disag_models >= 2"):
         explorer_on(p2e[0], disag_models=1)
+
+
+def test_ensemble_rssm_picks_one_prior_head_per_step_and_its_disagreement_can_drive_plan2explore():
+    obs, act = obs_space(IMAGE), discrete_actions(3)
+    agent = make_agent(obs, act, {**SMALL, "rssm.ensemble": 3, "expl_behavior": "plan2explore",
+                                  "disag_target": "prior"}, seed=5)
+    rssm = agent.wm.rssm
+    deter = tf.random.normal([4, rssm.deter], seed=1)
+    stats = rssm.ensemble_stats(deter)["logit"].numpy()
+    assert stats.shape == (3, 4, rssm.stoch, rssm.discrete)
+    assert np.abs(stats[0] - stats[1]).max() > 1e-3  # heads of their own
+    # A prior step uses one of the heads, the same for the whole batch; over many steps, each of them.
+    rng = np.random.default_rng(0)
+    state = {"deter": tf.constant(rng.normal(size=(4, rssm.deter)), tf.float32),
+             "stoch": tf.one_hot(rng.integers(0, rssm.discrete, (4, rssm.stoch)), rssm.discrete),
+             "logit": tf.zeros([4, rssm.stoch, rssm.discrete])}
+    action = tf.one_hot([0, 1, 2, 0], 3)
+    used = set()
+    for _ in range(30):
+        logit = rssm.img_step(state, action, sample=False)["logit"].numpy()
+        matches = [index for index in range(3) if np.allclose(logit, rssm.ensemble_stats(
+            rssm.img_step(state, action, sample=False)["deter"])["logit"].numpy()[index], atol=1e-5)]
+        assert len(matches) == 1
+        used.update(matches)
+    assert used == {0, 1, 2}
+    # The heads' disagreement as the intrinsic reward: std of the class probabilities across heads.
+    seq = {"deter": tf.reshape(deter, [2, 2, -1])}
+    probs = tf.nn.softmax(rssm.ensemble_stats(deter)["logit"], -1).numpy().reshape(3, 2, 2, -1)
+    np.testing.assert_allclose(agent.explorer.intrinsic(seq).numpy(), probs.std(0).mean(-1), rtol=1e-5)
+    assert agent.explorer.train_heads({}, {}) == {}  # nothing of its own to train

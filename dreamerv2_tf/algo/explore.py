@@ -3,7 +3,9 @@
 - `Plan2Explore` (Sekar et al. 2020): an ensemble of one-step predictors of a world-model quantity
   (`disag_target`: stoch, deter, embed or feat), trained on the replayed sequences; the intrinsic reward
   of an imagined state is their disagreement, the standard deviation across the ensemble averaged over
-  the predicted dimensions (its log with `disag_log`).
+  the predicted dimensions (its log with `disag_log`). With `disag_target: prior` the ensemble is the
+  RSSM's own (`rssm.ensemble` prior heads, trained by the KL loss) and the disagreement is that of the
+  heads' predicted latent distributions (class probabilities, or Gaussian means).
 - `ModelLoss`: a head that predicts the world model's loss term `expl_model_loss` (the per-step KL by
   default); its prediction is the intrinsic reward.
 
@@ -77,18 +79,22 @@ class Plan2Explore(_Explorer):
         super().__init__(world_model, act_dim, discrete, config, mixed_float16, env_step, "plan2explore")
         if config.disag_target not in DISAG_TARGETS:
             raise ValueError(f"disag_target must be one of {', '.join(DISAG_TARGETS)}, got '{config.disag_target}'")
-        if int(config.disag_models) < 2 or int(config.disag_offset) < 1:
+        if (int(config.disag_models) < 2 and config.disag_target != "prior") or int(config.disag_offset) < 1:
             raise ValueError("Plan2Explore needs disag_models >= 2 and disag_offset >= 1, got "
                              f"{config.disag_models} and {config.disag_offset}")
         rssm = world_model.rssm
+        if config.disag_target == "prior" and rssm.ensemble < 2:
+            raise ValueError(f"disag_target prior needs rssm.ensemble >= 2, got {rssm.ensemble}")
+        self.rssm = rssm
         sizes = {"stoch": rssm.stoch * (rssm.discrete or 1), "deter": rssm.deter,
                  "embed": world_model.embed_size, "feat": rssm.feat_size}
         self.target, self.offset = config.disag_target, int(config.disag_offset)
         self.action_cond, self.log = bool(config.disag_action_cond), bool(config.disag_log)
         self.inputs_size = rssm.feat_size + (act_dim if self.action_cond else 0)
         # A dict, not a list: checkpoint views of the agent's layers (loop/checkpoint.py) keep dicts.
-        self.heads = {f"head_{index}": nets.MLP((sizes[self.target],), **config.expl_head, dist="mse")
-                      for index in range(int(config.disag_models))}
+        self.heads = {} if self.target == "prior" else {
+            f"head_{index}": nets.MLP((sizes[self.target],), **config.expl_head, dist="mse")
+            for index in range(int(config.disag_models))}
 
     def build(self) -> None:
         for head in self.heads.values():
@@ -105,6 +111,8 @@ class Plan2Explore(_Explorer):
         return tf.concat([feat, tf.cast(action, feat.dtype)], -1)
 
     def train_heads(self, outputs: Mapping[str, tf.Tensor], data: Mapping[str, tf.Tensor]) -> dict:
+        if not self.heads:  # the RSSM's prior heads, which the world model trains
+            return {}
         post = outputs["post"]
         target = {"embed": outputs["embed"], "feat": outputs["feat"], "deter": post["deter"],
                   "stoch": tf.reshape(post["stoch"], tf.concat([tf.shape(post["stoch"])[:2], [-1]], 0))}[self.target]
@@ -117,8 +125,14 @@ class Plan2Explore(_Explorer):
         return self.opt.minimize(tape, loss, self.trainable_heads)
 
     def intrinsic(self, seq: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        inputs = self._inputs(seq["feat"], seq["action"])
-        predictions = tf.stack([tf.cast(head(inputs).mode(), tf.float32) for head in self.heads.values()])
+        if self.heads:
+            inputs = self._inputs(seq["feat"], seq["action"])
+            predictions = tf.stack([tf.cast(head(inputs).mode(), tf.float32) for head in self.heads.values()])
+        else:
+            deter = seq["deter"]
+            stats = self.rssm.ensemble_stats(tf.reshape(deter, [-1, deter.shape[-1]]))
+            values = tf.nn.softmax(stats["logit"], -1) if "logit" in stats else stats["mean"]
+            predictions = tf.reshape(values, tf.concat([[self.rssm.ensemble], tf.shape(deter)[:-1], [-1]], 0))
         disagreement = tf.reduce_mean(tf.math.reduce_std(predictions, 0), -1)
         return tf.math.log(disagreement) if self.log else disagreement
 

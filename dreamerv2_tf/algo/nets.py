@@ -135,13 +135,17 @@ class RSSM(keras.layers.Layer):
 
     A state is a dict: `deter` [B, deter], `stoch` [B, stoch, discrete] (one-hot) or
     [B, stoch] (Gaussian), and the float32 statistics `logit` or `mean`/`std`. `norm` applies
-    to the dense layers around the GRU; `gru_norm` layer-normalizes the GRU's gates.
+    to the dense layers around the GRU; `gru_norm` layer-normalizes the GRU's gates. With
+    `ensemble` > 1 the prior has that many heads and each prior step uses one picked at random
+    (the release's EnsembleRSSM); `ensemble_stats` gives all of them.
     """
 
     def __init__(self, stoch: int = 32, deter: int = 1024, hidden: int = 1024, discrete: int = 32,
                  act: str = "elu", norm: str = "none", gru_norm: bool = True, std_act: str = "sigmoid2",
-                 min_std: float = 0.1, **kwargs):
+                 min_std: float = 0.1, ensemble: int = 1, **kwargs):
         super().__init__(**kwargs)
+        if int(ensemble) < 1:
+            raise ValueError(f"rssm.ensemble must be at least 1, got {ensemble}")
         self.stoch, self.deter, self.discrete = stoch, deter, discrete
         self._std_act = _check("std_act", std_act, CHOICES[r"rssm\.std_act"])
         self._min_std = min_std
@@ -150,6 +154,11 @@ class RSSM(keras.layers.Layer):
         self._cell = GRUCell(deter, bool(gru_norm))
         self._img_out = DenseStack([hidden], act, norm)
         self._img_stats = keras.layers.Dense(stats, dtype="float32")
+        # Prior heads beyond the first, in dicts: the first keeps its checkpoint names as without an ensemble.
+        names = [f"head_{index}" for index in range(1, int(ensemble))]
+        self._extra_outs = {name: DenseStack([hidden], act, norm) for name in names}
+        self._extra_stats = {name: keras.layers.Dense(stats, dtype="float32") for name in names}
+        self.ensemble = int(ensemble)
         self._obs_out = DenseStack([hidden], act, norm)
         self._obs_stats = keras.layers.Dense(stats, dtype="float32")
 
@@ -211,8 +220,19 @@ class RSSM(keras.layers.Layer):
         stoch = tf.reshape(stoch, [-1, int(np.prod(stoch.shape[1:]))])
         x = self._img_in(tf.concat([stoch, tf.cast(prev_action, dtype)], -1))
         deter = self._cell(x, tf.cast(prev_state["deter"], dtype))
-        stats = self._stats(self._img_stats(self._img_out(deter)))
+        if self.ensemble == 1:
+            stats = self._stats(self._img_stats(self._img_out(deter)))
+        else:  # every head, then one picked at random for the whole batch, as the release does
+            index = tf.random.uniform((), 0, self.ensemble, tf.int32)
+            stats = {key: tf.gather(value, index) for key, value in self.ensemble_stats(deter).items()}
         return {"deter": deter, "stoch": self._sample(stats, sample), **stats}
+
+    def ensemble_stats(self, deter: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The statistics of every prior head for `deter` [B, deter], stacked: [ensemble, B, ...]."""
+        heads = [(self._img_out, self._img_stats)] + [(self._extra_outs[name], self._extra_stats[name])
+                                                      for name in sorted(self._extra_outs)]
+        stats = [self._stats(dense(hidden(deter))) for hidden, dense in heads]
+        return {key: tf.stack([head[key] for head in stats]) for key in stats[0]}
 
     def get_feat(self, state: Mapping[str, tf.Tensor]) -> tf.Tensor:
         stoch = state["stoch"]

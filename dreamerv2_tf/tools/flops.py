@@ -193,7 +193,8 @@ def rssm(cfg: Mapping[str, Any], act_dim: int, embed: int) -> tuple[Cost, Cost, 
         dense(stoch_size + act_dim, hidden, norm=norm),
         dense(hidden + deter, 3 * deter, norm="layer" if cfg["gru_norm"] else "none"),  # GRU gates, one matmul
     ])
-    prior_head = dense(deter, hidden, norm=norm) + dense(hidden, stats)
+    head = dense(deter, hidden, norm=norm) + dense(hidden, stats)
+    prior_head = Cost(head.flops * cfg["ensemble"], head.params * cfg["ensemble"])  # every head runs
     posterior = dense(deter + embed, hidden, norm=norm) + dense(hidden, stats)
     img_step = deter_step + prior_head
     return img_step, img_step + posterior, deter_step + posterior, stoch_size + deter
