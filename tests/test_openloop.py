@@ -383,3 +383,13 @@ def test_real_pong_run(tmp_path):
     track = json.loads((logdir / "track_pong.json").read_text())
     assert track["steps"] == list(range(1, 36)) and sum(track["n"]) > 0 and track["baseline_distance"][0] is not None
     assert len(imageio.mimread(tmp_path / "pong.mp4")) == 40
+
+
+def test_object_channel_frames_are_drawn_with_every_channel_in_its_own_colour():
+    frames = np.zeros((2, 10, 10, 4), np.uint8)
+    frames[:, 1, 2, 3] = 255  # only the fourth channel (MinAtar Breakout's bricks)
+    frames[:, 5, 5, 0] = 255
+    rgb = ol._rgb(frames, 2)
+    assert rgb.shape == (2, 20, 20, 3)
+    assert rgb[0, 2:4, 4:6].any() and rgb[0, 10:12, 10:12].any() and not rgb[0, 0, 0].any()
+    assert not np.array_equal(rgb[0, 2, 4], rgb[0, 10, 10])

@@ -21,6 +21,7 @@ import numpy as np
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.loop.checkpoint import has_checkpoint
 from dreamerv2_tf.loop.episodes import EpisodeError, filename_length, load_episode
+from dreamerv2_tf.loop.logger import channels_to_rgb
 from dreamerv2_tf.loop.rundir import train_episodes_dir
 from dreamerv2_tf.tools import balltrack
 
@@ -186,11 +187,12 @@ def errors(truth: np.ndarray, model: np.ndarray, context: int) -> dict[str, Any]
 
 
 def _rgb(frames: np.ndarray, scale: int) -> np.ndarray:
-    """[..., H, W, C] uint8 with 1 or 3 channels -> [..., H*scale, W*scale, 3] (nearest neighbour)."""
+    """[..., H, W, C] uint8 -> [..., H*scale, W*scale, 3] (nearest neighbour); other channel counts than 1
+    and 3 (MinAtar's object channels) are drawn one colour per channel, as in the training videos."""
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, -1)
     elif frames.shape[-1] != 3:
-        frames = frames[..., :3] if frames.shape[-1] > 3 else np.repeat(frames[..., :1], 3, -1)
+        frames = channels_to_rgb(frames)
     return np.repeat(np.repeat(frames, scale, -3), scale, -2)
 
 
