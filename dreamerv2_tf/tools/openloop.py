@@ -27,6 +27,7 @@ from dreamerv2_tf.tools import balltrack
 
 VIDEO_SUFFIXES = (".gif", ".mp4")
 PNG_SCALE = 2  # frames in the strip: 64x64 becomes 128x128
+MIN_FRAME_PX = {"png": 128, "video": 96}  # smaller frames (MinAtar's 10x10) are enlarged to about this
 GAP = 4  # pixels between cells of the strip; the context boundary line is drawn in one of them
 SEQ_GAP = 12  # pixels between the row groups of two sequences
 MARGINS = {"left": 84, "right": 8, "top": 44, "bottom": 40}  # room for labels around the frames
@@ -250,7 +251,8 @@ def write_strip(path: str | Path, prediction: Prediction, every: int, error_row:
 
     truth, model, context = prediction.truth, prediction.model, prediction.context
     rows = 3 if error_row else 2
-    layout = StripLayout(len(truth), truth.shape[1], every, rows, truth.shape[2:4])
+    scale = max(PNG_SCALE, -(-MIN_FRAME_PX["png"] // truth.shape[2]))
+    layout = StripLayout(len(truth), truth.shape[1], every, rows, truth.shape[2:4], scale)
     height, width = layout.size
     content = np.full((*layout.content, 3), 255, np.uint8)
     cell_h, cell_w = layout.cell
@@ -301,6 +303,7 @@ def video_frames(prediction: Prediction, scale: int = 3) -> np.ndarray:
 
     truth, model, context = prediction.truth, prediction.model, prediction.context
     count, length = truth.shape[:2]
+    scale = max(scale, -(-MIN_FRAME_PX["video"] // truth.shape[2]))
     panel_h, panel_w = truth.shape[2] * scale + 2 * VIDEO_BORDER, truth.shape[3] * scale + 2 * VIDEO_BORDER
     height, width = VIDEO_HEADER + count * panel_h, 3 * panel_w
     height, width = height + height % 2, width + width % 2  # H.264 needs even sizes
