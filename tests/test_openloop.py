@@ -161,7 +161,9 @@ def test_video_has_a_frame_per_step_with_three_upscaled_panels_per_sequence(cli)
 def test_video_borders_turn_from_observed_to_open_loop_colour():
     truth = np.zeros((1, 6, 8, 8, 1), np.uint8)
     frames = ol.video_frames(ol.Prediction(truth, truth, context=2, sources=(("x", 0),)), scale=2)
-    corner = (ol.VIDEO_HEADER + 1, 8 * 2 + 2 * ol.VIDEO_BORDER + 1)  # top-left border of the model panel
+    scale = ol.enlarged(2, 8, "video")  # 8 px frames are drawn larger than scale 2
+    assert scale * 8 >= ol.MIN_FRAME_PX["video"] and frames.shape[2] >= 3 * scale * 8
+    corner = (ol.VIDEO_HEADER + 1, 8 * scale + 2 * ol.VIDEO_BORDER + 1)  # top-left border of the model panel
     assert tuple(frames[1][corner]) == ol.CONTEXT_COLOR and tuple(frames[2][corner]) == ol.OPEN_LOOP_COLOR
 
 

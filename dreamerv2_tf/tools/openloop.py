@@ -187,6 +187,11 @@ def errors(truth: np.ndarray, model: np.ndarray, context: int) -> dict[str, Any]
 # ---- pictures --------------------------------------------------------------------------------------------
 
 
+def enlarged(scale: int, height: int, kind: str) -> int:
+    """`scale`, or the larger one that makes frames of `height` pixels about MIN_FRAME_PX[kind] high."""
+    return max(int(scale), -(-MIN_FRAME_PX[kind] // int(height)))
+
+
 def _rgb(frames: np.ndarray, scale: int) -> np.ndarray:
     """[..., H, W, C] uint8 -> [..., H*scale, W*scale, 3] (nearest neighbour); other channel counts than 1
     and 3 (MinAtar's object channels) are drawn one colour per channel, as in the training videos."""
@@ -251,7 +256,7 @@ def write_strip(path: str | Path, prediction: Prediction, every: int, error_row:
 
     truth, model, context = prediction.truth, prediction.model, prediction.context
     rows = 3 if error_row else 2
-    scale = max(PNG_SCALE, -(-MIN_FRAME_PX["png"] // truth.shape[2]))
+    scale = enlarged(PNG_SCALE, truth.shape[2], "png")
     layout = StripLayout(len(truth), truth.shape[1], every, rows, truth.shape[2:4], scale)
     height, width = layout.size
     content = np.full((*layout.content, 3), 255, np.uint8)
@@ -303,7 +308,7 @@ def video_frames(prediction: Prediction, scale: int = 3) -> np.ndarray:
 
     truth, model, context = prediction.truth, prediction.model, prediction.context
     count, length = truth.shape[:2]
-    scale = max(scale, -(-MIN_FRAME_PX["video"] // truth.shape[2]))
+    scale = enlarged(scale, truth.shape[2], "video")
     panel_h, panel_w = truth.shape[2] * scale + 2 * VIDEO_BORDER, truth.shape[3] * scale + 2 * VIDEO_BORDER
     height, width = VIDEO_HEADER + count * panel_h, 3 * panel_w
     height, width = height + height % 2, width + width % 2  # H.264 needs even sizes
