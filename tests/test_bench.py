@@ -214,7 +214,7 @@ def test_bad_shapes_and_patterns_are_clear_errors():
         flops.update_flops(config, {"image": (72, 72, 1)}, 18, True)
     with pytest.raises(ValueError, match="no observation key matches"):
         flops.update_flops(build(["defaults", "atari"]), {"pixels": (64, 64, 1)}, 18, True)
-    with pytest.raises(ValueError, match="invalid regex"):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
         flops.update_flops(build(["defaults", "debug"], {"encoder.cnn_keys": "("}), ATARI_OBS, 18, True)
 
 
