@@ -116,9 +116,7 @@ class Agent(tf.Module):
 
         Keras 3 variables are not tf.Variables, so `tf.Module.trainable_variables` does not list them.
         """
-        variables = list(self.wm.variables_to_train)
-        for network in {id(n): n for n in (self.ac.actor, self.ac.critic, self.ac.slow_critic)}.values():
-            variables += list(network.weights)
+        variables = list(self.wm.variables_to_train) + self.ac.network_weights()
         return variables + (self.explorer.network_variables() if self.explorer else [])
 
     def param_counts(self) -> dict[str, int]:

@@ -79,6 +79,11 @@ class ActorCritic(tf.Module):
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self._env_step = env_step
 
+    def network_weights(self) -> list:
+        """The weights of the actor, the critic and (when separate) the slow critic."""
+        networks = {id(n): n for n in (self.actor, self.critic, self.slow_critic)}.values()
+        return [weight for network in networks for weight in network.weights]
+
     def build(self) -> None:
         feat = tf.zeros([1, self.feat_size])
         self.actor(feat)

@@ -48,8 +48,7 @@ class _Explorer(tf.Module):
 
     def network_variables(self) -> list:
         """The weights this behaviour adds to the agent's (the checks for non-finite values read them)."""
-        networks = {id(n): n for n in (self.ac.actor, self.ac.critic, self.ac.slow_critic)}.values()
-        return self.trainable_heads + [w for network in networks for w in network.weights]
+        return self.trainable_heads + self.ac.network_weights()
 
     def train(self, world_model, start: Mapping[str, tf.Tensor], outputs: Mapping[str, tf.Tensor],
               data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
