@@ -1,4 +1,4 @@
-"""DeepMind Control Suite tasks: rendered pixels under 'image' plus proprioceptive vectors.
+"""DeepMind Control Suite tasks: rendered pixels under 'image' (unless image=False) plus proprioceptive vectors.
 
 Rendering is headless; MuJoCo picks its OpenGL backend from MUJOCO_GL, which
 must be set before dm_control is imported. We default it to 'egl' (GPU
@@ -81,7 +81,7 @@ class DMC:
     """One control suite task; actions in [-1, 1] are rescaled to the task's bounds."""
 
     def __init__(self, name: str, *, seed: int = 0, action_repeat: int = 2,
-                 size: tuple[int, int] = (64, 64), camera: int = -1):
+                 size: tuple[int, int] = (64, 64), camera: int = -1, image: bool = True):
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be at least 1, got {action_repeat}")
         domain, task = split_task(name)
@@ -99,7 +99,10 @@ class DMC:
                 raise ValueError(f"DMC observation key '{key}' clashes with a reserved key")
             self._keys.append(key)
             vectors[key] = base.vector_space((int(np.prod(array.shape)) or 1,))
-        self.obs_space = {"image": base.image_space(self._size, 3), **vectors, **base.flag_spaces()}
+        # Rendering costs more than the physics; proprioceptive runs can do without the image.
+        self._image = bool(image)
+        images = {"image": base.image_space(self._size, 3)} if self._image else {}
+        self.obs_space = {**images, **vectors, **base.flag_spaces()}
         self.act_space = base.continuous_act_space(int(np.prod(spec.shape)))
 
     def reset(self) -> dict[str, np.ndarray]:
@@ -127,8 +130,10 @@ class DMC:
 
     def _obs(self, step: Any, reward: float, first: bool = False, last: bool = False,
              terminal: bool = False) -> dict[str, np.ndarray]:
-        image = self._env.physics.render(*self._size, camera_id=self._camera)
-        obs = {"image": np.ascontiguousarray(image, np.uint8)}
+        obs = {}
+        if self._image:
+            image = self._env.physics.render(*self._size, camera_id=self._camera)
+            obs["image"] = np.ascontiguousarray(image, np.uint8)
         for key in self._keys:
             # Scalars such as walker 'height' become 1-vectors so every vector key has a feature axis.
             obs[key] = np.asarray(step.observation[key], np.float32).reshape(-1)
