@@ -12,10 +12,13 @@ the straight-through gradient paths (release_side.replace_sampling_by_modes).
 
 Prints one JSON object: for each quantity (loss terms, KL, latent statistics, imagined trajectories, lambda
 targets, actor and critic losses, entropy, the gradients of each module, the weights of each module after one
-update and after `--updates` updates) the largest absolute difference `abs` and `rel` = abs / (largest
-absolute value of the release's tensor); for modules, the largest over their variables and the variable with
-the largest `rel` (`worst`), over the entries finite in both (`nonfinite` counts the others). `ok` is true when
-every tensor is finite and has rel <= 1e-4 or abs <= 1e-6.
+update and after `--updates` updates; with `rssm.ensemble` > 1 every prior head's statistics, `ensemble/*`;
+with `expl_behavior: plan2explore` the intrinsic reward of the task actor's imagined states, the exploration
+actor's imagined trajectory, reward, targets and losses, `expl/*`, and the ensemble and exploration actor-critic
+weights) the largest absolute difference `abs` and `rel` = abs / (largest absolute value of the release's
+tensor); for modules, the largest over their variables and the variable with the largest `rel` (`worst`), over
+the entries finite in both (`nonfinite` counts the others). `ok` is true when every tensor is finite and has
+rel <= 1e-4 or abs <= 1e-6.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ REL_TARGET, ABS_TARGET = 1e-4, 1e-6
 SHARED = ("rssm.", "encoder.", "decoder.", "reward_head.", "discount_head.", "loss_scales.", "kl.", "model_opt.",
           "actor.", "critic.", "actor_opt.", "critic_opt.", "grad_heads", "pred_discount", "clip_rewards", "discount",
           "discount_lambda", "imag_horizon", "actor_grad", "actor_grad_mix", "actor_ent", "slow_target",
-          "slow_target_update", "slow_target_fraction", "dataset.batch", "dataset.length")
+          "slow_target_update", "slow_target_fraction", "dataset.batch", "dataset.length", "expl_behavior",
+          "expl_intr_scale", "expl_extr_scale", "expl_opt.", "expl_head.", "disag_target", "disag_log",
+          "disag_models", "disag_offset", "disag_action_cond")
 # Our keys without a counterpart in the release: the value the release's code has built in.
-RELEASE_FIXED = {"rssm.gru_norm": True, "slow_baseline": True, "train_behavior": True, "expl_behavior": "greedy"}
+RELEASE_FIXED = {"rssm.gru_norm": True, "slow_baseline": True, "train_behavior": True}
+# Our choices the release lacks.
+RELEASE_CHOICES = {"expl_behavior": ("greedy", "plan2explore"), "disag_target": ("stoch", "deter", "embed", "feat")}
+RELEASE_BEHAVIORS = {"greedy": "greedy", "plan2explore": "Plan2Explore"}  # its class names
 
 
 def release_overrides(config: configlib.Config, precision: str) -> dict:
@@ -51,10 +59,15 @@ def release_overrides(config: configlib.Config, precision: str) -> dict:
         if flat[key] != value:
             raise configlib.ConfigError(f"{key} {flat[key]!r} has no counterpart in the release (it always "
                                         f"behaves as {value!r})")
+    for key, choices in RELEASE_CHOICES.items():
+        if flat[key] not in choices:
+            raise configlib.ConfigError(f"{key} {flat[key]!r} is not compared with the release (compared: "
+                                        f"{', '.join(choices)})")
     if precision not in ("32", "16"):
         raise configlib.ConfigError(f"precision {precision} has no counterpart in the release (32 or 16)")
     shared = {k: v for k, v in flat.items() if k not in RELEASE_FIXED and any(
         k == p or (p.endswith(".") and k.startswith(p)) for p in SHARED)}
+    shared["expl_behavior"] = RELEASE_BEHAVIORS[shared["expl_behavior"]]
     return {**shared, "precision": int(precision)}
 
 
@@ -108,12 +121,17 @@ def our_weights(agent) -> dict[str, tuple]:
         add(f"encoder/convnorm{i}", norm)
     stack("encoder", enc._mlp, "dense{}", "densenorm{}")
     rssm = wm.rssm
-    for ours, theirs in ((rssm._img_in, "img_in"), (rssm._img_out, "img_out_0"), (rssm._obs_out, "obs_out")):
+    for ours, theirs in ((rssm._img_in, "img_in"), (rssm._obs_out, "obs_out")):
         add(f"rssm/{theirs}", ours._dense[0])
-        add(f"rssm/{theirs.replace('_0', '')}_norm{'_0' if theirs.endswith('_0') else ''}", ours._norms[0])
+        add(f"rssm/{theirs}_norm", ours._norms[0])
+    heads = [(rssm._img_out, rssm._img_stats)] + [
+        (rssm._extra_outs[f"head_{k}"], rssm._extra_stats[f"head_{k}"]) for k in range(1, rssm.ensemble)]
+    for k, (hidden, stats) in enumerate(heads):  # the release's prior head k: img_out_k, img_out_norm_k, img_dist_k
+        add(f"rssm/img_out_{k}", hidden._dense[0])
+        add(f"rssm/img_out_norm_{k}", hidden._norms[0])
+        add(f"rssm/img_dist_{k}", stats)
     add("rssm/cell", rssm._cell._layer)
     add("rssm/cell_norm", rssm._cell._norm)
-    add("rssm/img_dist_0", rssm._img_stats)
     add("rssm/obs_dist", rssm._obs_stats)
     dec = wm.heads["decoder"]
     if dec.cnn_keys:
@@ -134,10 +152,16 @@ def our_weights(agent) -> dict[str, tuple]:
     for name, head in wm.heads.items():
         if name != "decoder":
             mlp(name, head)
-    mlp("actor", ac.actor)
-    mlp("critic", ac.critic)
-    if ac.slow_critic is not ac.critic:
-        mlp("slow_critic", ac.slow_critic)
+    behaviors = [("", ac)]
+    if agent.explorer is not None:
+        for k, head in enumerate(agent.explorer.heads.values()):
+            mlp(f"expl_ensemble{k}", head)
+        behaviors.append(("expl_", agent.explorer.ac))
+    for prefix, behavior in behaviors:
+        mlp(f"{prefix}actor", behavior.actor)
+        mlp(f"{prefix}critic", behavior.critic)
+        if behavior.slow_critic is not behavior.critic:
+            mlp(f"{prefix}slow_critic", behavior.slow_critic)
     return out
 
 
@@ -193,6 +217,20 @@ def run_ours(config: configlib.Config, spec: Mapping, release: Mapping, updates:
     out.update({f"imag/{k}": seq[k] for k in ("feat", "action", "discount", "weight")})
     out.update({"imag/reward": reward, "target": target, "loss/actor": actor_loss, "loss/critic": critic_loss,
                 "entropy": ac.actor(tf.stop_gradient(seq["feat"][:-2])).entropy()})
+    if wm.rssm.ensemble > 1:
+        deter = outputs["post"]["deter"]
+        stats = wm.rssm.ensemble_stats(tf.reshape(deter, [-1, deter.shape[-1]]))
+        out.update({f"ensemble/{k}": tf.reshape(v, [wm.rssm.ensemble, *deter.shape[:2], *v.shape[2:]])
+                    for k, v in stats.items()})
+    explorer = agent.explorer
+    if explorer is not None:
+        out["expl/intr_reward"] = explorer.reward(wm, seq)
+        expl_seq = wm.imagine(explorer.ac.actor, outputs["post"], data["is_terminal"], explorer.ac.horizon)
+        expl_reward = explorer.reward(wm, expl_seq)
+        expl_target, _ = explorer.ac.target(expl_seq, expl_reward)
+        out.update({"expl/imag_feat": expl_seq["feat"], "expl/reward": expl_reward, "expl/target": expl_target,
+                    "expl/loss_actor": explorer.ac.actor_loss(expl_seq, expl_target)[0],
+                    "expl/loss_critic": explorer.ac.critic_loss(expl_seq, expl_target)})
     for update in range(updates):
         step_data = data if update == 0 else {k: tf.constant(v) for k, v in make_batch(
             spec, batch, length, config.seed + update).items()}

@@ -104,6 +104,17 @@ def replace_sampling_by_modes() -> None:
     for cls in (tfd.Normal, tfd.TruncatedNormal):
         cls._sample_n = mode_sample
 
+    # The ensemble prior picks its head by a scalar integer draw, the same call in both codebases:
+    # it becomes the last head, so the heads beyond the first are exercised.
+    uniform = tf.random.uniform
+
+    def last_of_scalar_int(shape, minval=0, maxval=None, dtype=tf.float32, seed=None, name=None):
+        if dtype.is_integer and maxval is not None and tuple(shape) == ():
+            return tf.constant(maxval - 1, dtype)
+        return uniform(shape, minval, maxval, dtype, seed, name)
+
+    tf.random.uniform = last_of_scalar_int
+
 
 def gradients(tape, loss, variables: list, scale: float) -> list:
     """Gradients of `loss`, computed for `scale` * loss and divided by it again.
@@ -246,7 +257,26 @@ def run(work: pathlib.Path, path: str) -> None:
     every = {**model_vars, **behavior_vars["actor"], **behavior_vars["critic"]}
     if ac._target_critic is not ac.critic:
         every.update(named_weights(ac._target_critic, "slow_critic"))
-    check_complete(every, [*model_modules.values(), ac.actor, ac.critic, ac._target_critic])
+    modules = [*model_modules.values(), ac.actor, ac.critic, ac._target_critic]
+    if int(config.rssm.ensemble) > 1:  # every prior head on the posterior's deterministic states
+        out.update({f"ensemble/{k}": v for k, v in wm.rssm._suff_stats_ensemble(outs["post"]["deter"]).items()})
+    if config.expl_behavior == "Plan2Explore":
+        expl = agnt._expl_behavior
+        out["expl/intr_reward"] = expl._intr_reward(seq)  # the task actor's imagined states; builds the ensemble
+        expl_seq = wm.imagine(expl.ac.actor, outs["post"], data["is_terminal"], config.imag_horizon)
+        expl_seq["reward"], _ = expl.ac.rewnorm(expl._intr_reward(expl_seq))
+        expl_target, _ = expl.ac.target(expl_seq)
+        out.update({"expl/imag_feat": expl_seq["feat"], "expl/reward": expl_seq["reward"], "expl/target": expl_target,
+                    "expl/loss_actor": expl.ac.actor_loss(expl_seq, expl_target)[0],
+                    "expl/loss_critic": expl.ac.critic_loss(expl_seq, expl_target)[0]})
+        for k, head in enumerate(expl._networks):
+            every.update(named_weights(head, f"expl_ensemble{k}"))
+        every.update(named_weights(expl.ac.actor, "expl_actor"))
+        every.update(named_weights(expl.ac.critic, "expl_critic"))
+        if expl.ac._target_critic is not expl.ac.critic:
+            every.update(named_weights(expl.ac._target_critic, "expl_slow_critic"))
+        modules += [*expl._networks, expl.ac.actor, expl.ac.critic, expl.ac._target_critic]
+    check_complete(every, modules)
     out.update({f"init/{k}": v.numpy() for k, v in every.items()})
     for update in range(int(request["updates"])):
         agnt.tfstep.assign(env_step + update * int(request["train_every"]))

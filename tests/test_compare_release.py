@@ -24,9 +24,13 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # 6 updates reach its second copy. Larger weight
 # decay makes a decay of the wrong size visible within tolerance; actor_grad both with schedules checks
 # the mixing convention and that schedules follow the agent step (--env_step), not the update count.
+# The discrete run also has Plan2Explore (3 predictors, a share of the extrinsic reward) and a prior of
+# 3 heads, of which both codebases use the last.
 DISCRETE = ["--configs", "defaults", "debug", "--task", "atari_pong", "--actor_grad", "both",
             "--actor_grad_mix", "linear(0.1,0.0,2e4)", "--actor_ent", "linear(3e-3,1e-4,2e4)",
-            "--.*_opt.wd", "1e-3", "--.*\\.norm", "layer", "--slow_target_update", "5"]
+            "--.*_opt.wd", "1e-3", "--.*\\.norm", "layer", "--slow_target_update", "5",
+            "--expl_behavior", "plan2explore", "--disag_models", "3", "--expl_extr_scale", "0.5",
+            "--rssm.ensemble", "3"]
 CONTINUOUS = ["--configs", "defaults", "dmc_vision", "debug", "--task", "dmc_walker_walk",
               "--encoder.mlp_keys", ".*", "--decoder.mlp_keys", ".*"]
 
@@ -54,6 +58,10 @@ def test_agrees_with_the_release_in_float32(args, updates):
                  "grad/actor", "grad/critic", "after_1/rssm", "after_n/actor", "after_n/slow_critic"):
         assert name in quantities, name
     assert ("loss/discount" in quantities) == (args is DISCRETE)  # dmc_vision predicts no discount
+    explore = ["ensemble/logit", "expl/intr_reward", "expl/imag_feat", "expl/reward", "expl/target",
+               "expl/loss_actor", "expl/loss_critic", "after_1/expl_ensemble2", "after_n/expl_actor",
+               "after_n/expl_critic", "after_n/expl_slow_critic"]
+    assert all((name in quantities) == (args is DISCRETE) for name in explore), sorted(quantities)
 
 
 def test_refuses_settings_the_release_cannot_express():
@@ -61,6 +69,9 @@ def test_refuses_settings_the_release_cannot_express():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "gru_norm" in result.stderr
     assert "Traceback" not in result.stderr
+    result = compare("--configs", "defaults", "debug", "--expl_behavior", "plan2explore", "--disag_target", "prior",
+                     "--rssm.ensemble", "2", timeout=120)
+    assert result.returncode == 2 and "disag_target 'prior' is not compared" in result.stderr, result.stderr
 
 
 def test_missing_release_folder_is_one_line(tmp_path):

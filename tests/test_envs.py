@@ -324,6 +324,23 @@ def test_dmc_walker_pixels_proprio_and_time_limit():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="dm_control is not installed")
+def test_dmc_without_image_has_the_same_vectors_and_no_image():
+    kwargs = dict(seed=3, action_repeat=2)
+    with_image = make_env("dmc_cartpole_swingup", **kwargs)
+    without = make_env("dmc_cartpole_swingup", dmc={"image": False}, **kwargs)
+    try:
+        assert "image" in with_image.obs_space and "image" not in without.obs_space
+        assert set(with_image.obs_space) - {"image"} == set(without.obs_space)
+        for a, b in zip(run_random(with_image, 5, seed=1), run_random(without, 5, seed=1), strict=True):
+            check_obs(without, b)
+            assert "image" not in b
+            np.testing.assert_array_equal(a["position"], b["position"])  # rendering does not touch the physics
+    finally:
+        with_image.close()
+        without.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="dm_control is not installed")
 def test_unknown_dmc_task_lists_close_names():
     with pytest.raises(ValueError, match="dmc_walker_walk"):
         make_env("dmc_walker_wlak")

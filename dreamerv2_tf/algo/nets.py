@@ -229,8 +229,8 @@ class RSSM(keras.layers.Layer):
 
     def ensemble_stats(self, deter: tf.Tensor) -> dict[str, tf.Tensor]:
         """The statistics of every prior head for `deter` [B, deter], stacked: [ensemble, B, ...]."""
-        heads = [(self._img_out, self._img_stats)] + [(self._extra_outs[name], self._extra_stats[name])
-                                                      for name in sorted(self._extra_outs)]
+        heads = [(self._img_out, self._img_stats)] + [(self._extra_outs[f"head_{k}"], self._extra_stats[f"head_{k}"])
+                                                      for k in range(1, self.ensemble)]  # in number order
         stats = [self._stats(dense(hidden(deter))) for hidden, dense in heads]
         return {key: tf.stack([head[key] for head in stats]) for key in stats[0]}
 

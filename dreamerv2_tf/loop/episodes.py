@@ -157,7 +157,8 @@ def load_episode(path: str | Path) -> Episode:
         raise EpisodeError(f"skipping episode file {path}: not an .npz archive (no zip header; damaged or "
                            "not written by numpy)")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Our own handle: np.load leaves its file open when a damaged zip fails to parse.
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as data:
             raw = {key: data[key] for key in data.files}
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise EpisodeError(f"cannot read episode file {path}: {type(exc).__name__}: {exc}") from None
