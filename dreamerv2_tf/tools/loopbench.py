@@ -32,22 +32,22 @@ class _FixedUpdates(Training):
 
     def __init__(self, *args: Any, updates: int, warmup: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.counts, self.target, self.logged = (warmup, updates), None, False
+        self.warmup, self.timed = warmup, updates
+        self.phase, self.until = "start", 0  # start -> warmup -> timed -> done
 
     def running(self) -> bool:
-        warmup, updates = self.counts
-        if self.target is None:  # the first check: after prefill and pretraining
-            self.target = self.updates + warmup
-        if self.updates < self.target:
+        if self.phase == "start":  # the first check: after prefill and pretraining
+            self.phase, self.until = "warmup", self.updates + self.warmup
+        if self.updates < self.until:
             return True
-        if self.target == self.updates and not self.logged and warmup >= 0:
+        if self.phase == "warmup":
             self.log()  # traces the report and opens the log files, first-time costs a long run pays once
             self.stopwatch.start()
-            self.target, self.counts = self.updates + updates, (-1, updates)
+            self.phase, self.until = "timed", self.updates + self.timed
             return True
-        if not self.logged:
+        if self.phase == "timed":
             self.log()
-            self.logged = True
+            self.phase = "done"
         return False
 
 
@@ -74,7 +74,7 @@ def bench_loop(config: configlib.Config, updates: int, warmup: int = 2) -> dict[
             finally:
                 training.close()
         wall, spent = training.stopwatch.totals()
-        done = updates - (training.target - training.updates)  # fewer after a stop request
+        done = updates - (training.until - training.updates)  # fewer after a stop request
     loop_s = wall - spent.get("log", 0.0) - spent.get("save", 0.0)
     per_update = {name: spent.get(name, 0.0) / done for name in PER_UPDATE}
     per_update["other"] = max(0.0, loop_s / done - sum(per_update.values()))
