@@ -321,6 +321,7 @@ CHECKERS = {
     "bench.py": check_bench,
     "scores.py": lambda args: check_parse_args("scores.py", args),
     "plot.py": lambda args: check_parse_args("plot.py", args),
+    "coverage.py": lambda args: check_parse_args("coverage.py", args),
     "sweep.py": lambda args: check_parse_args("sweep.py", args),
     "eval.py": lambda args: check_main("eval.py", args),
     "openloop.py": lambda args: check_main("openloop.py", args),
