@@ -48,8 +48,8 @@ SHARED = ("rssm.", "encoder.", "decoder.", "reward_head.", "discount_head.", "lo
 # Our keys without a counterpart in the release: the value the release's code has built in.
 RELEASE_FIXED = {"rssm.gru_norm": True, "slow_baseline": True, "train_behavior": True}
 # Our choices the release lacks.
-RELEASE_CHOICES = {"expl_behavior": ("greedy", "plan2explore"), "disag_target": ("stoch", "deter", "embed", "feat")}
-RELEASE_BEHAVIORS = {"greedy": "greedy", "plan2explore": "Plan2Explore"}  # its class names
+RELEASE_BEHAVIORS = {"greedy": "greedy", "plan2explore": "Plan2Explore"}  # ours -> its class names
+RELEASE_CHOICES = {"expl_behavior": tuple(RELEASE_BEHAVIORS), "disag_target": ("stoch", "deter", "embed", "feat")}
 
 
 def release_overrides(config: configlib.Config, precision: str) -> dict:
@@ -124,9 +124,7 @@ def our_weights(agent) -> dict[str, tuple]:
     for ours, theirs in ((rssm._img_in, "img_in"), (rssm._obs_out, "obs_out")):
         add(f"rssm/{theirs}", ours._dense[0])
         add(f"rssm/{theirs}_norm", ours._norms[0])
-    heads = [(rssm._img_out, rssm._img_stats)] + [
-        (rssm._extra_outs[f"head_{k}"], rssm._extra_stats[f"head_{k}"]) for k in range(1, rssm.ensemble)]
-    for k, (hidden, stats) in enumerate(heads):  # the release's prior head k: img_out_k, img_out_norm_k, img_dist_k
+    for k, (hidden, stats) in enumerate(rssm.prior_heads):  # the release's img_out_k, img_out_norm_k, img_dist_k
         add(f"rssm/img_out_{k}", hidden._dense[0])
         add(f"rssm/img_out_norm_{k}", hidden._norms[0])
         add(f"rssm/img_dist_{k}", stats)

@@ -227,11 +227,15 @@ class RSSM(keras.layers.Layer):
             stats = {key: tf.gather(value, index) for key, value in self.ensemble_stats(deter).items()}
         return {"deter": deter, "stoch": self._sample(stats, sample), **stats}
 
+    @property
+    def prior_heads(self) -> list[tuple[DenseStack, keras.layers.Dense]]:
+        """(hidden layer, statistics layer) of each prior head, in number order."""
+        return [(self._img_out, self._img_stats)] + [
+            (self._extra_outs[f"head_{k}"], self._extra_stats[f"head_{k}"]) for k in range(1, self.ensemble)]
+
     def ensemble_stats(self, deter: tf.Tensor) -> dict[str, tf.Tensor]:
         """The statistics of every prior head for `deter` [B, deter], stacked: [ensemble, B, ...]."""
-        heads = [(self._img_out, self._img_stats)] + [(self._extra_outs[f"head_{k}"], self._extra_stats[f"head_{k}"])
-                                                      for k in range(1, self.ensemble)]  # in number order
-        stats = [self._stats(dense(hidden(deter))) for hidden, dense in heads]
+        stats = [self._stats(dense(hidden(deter))) for hidden, dense in self.prior_heads]
         return {key: tf.stack([head[key] for head in stats]) for key in stats[0]}
 
     def get_feat(self, state: Mapping[str, tf.Tensor]) -> tf.Tensor:
