@@ -108,31 +108,41 @@ def test_invalid_policy_mode_and_precision_raise(discrete_agent):
 
 
 def test_compiled_policy_acts_like_the_eager_one():
-    # Eval mode with the posterior mode and the actor's mode draws nothing at random, so the tf.function
-    # graph (with its pruned prior) and eager execution of the same code must give the same actions.
+    # Eval mode with the posterior mode and the actor's mode draws nothing at random, so the policy graph
+    # (with its pruned prior) and eager execution of the same step must give the same actions.
     obs, act = obs_space(IMAGE), discrete_actions(3)
     agent = make_agent(obs, act, {**SMALL, "eval_state_mean": True}, seed=7)
     data = random_batch(obs, act, batch=3, length=4, seed=8)
-    steps = [first_step(data, t) for t in range(4)]
+    steps = [{"image": data["image"][:, t], "is_first": np.full(3, t == 0)} for t in range(4)]
 
-    def run():
-        state, actions = None, []
-        for t, step in enumerate(steps):
-            step["is_first"] = np.full(3, t == 0)
-            action, state = agent.policy(step, state, "eval")
-            actions.append(action["action"])
+    def run(policy):
+        state, actions = agent.initial_state(3), []
+        for step in steps:
+            action, state = policy({key: tf.convert_to_tensor(value) for key, value in step.items()}, state)
+            actions.append(np.asarray(action["action"] if isinstance(action, dict) else action))
         return np.stack(actions), state
 
-    compiled, compiled_state = run()
-    tf.config.run_functions_eagerly(True)
-    try:
-        eager, eager_state = run()
-    finally:
-        tf.config.run_functions_eagerly(False)
+    compiled, compiled_state = run(lambda obs, state: agent.policy(obs, state, "eval"))
+    eager, eager_state = run(lambda obs, state: agent._policy_step(obs, state, "eval"))
     np.testing.assert_array_equal(compiled, eager)
     np.testing.assert_allclose(compiled_state[0]["logit"].numpy(), eager_state[0]["logit"].numpy(), rtol=1e-5,
                                atol=1e-6)
     assert len({tuple(row) for row in compiled.reshape(-1, 3)}) > 1  # the actions depend on the input
+
+
+def test_one_policy_graph_serves_any_batch_size_and_a_new_dtype_gets_its_own():
+    obs, act = obs_space(IMAGE, vector=2), discrete_actions(3)
+    agent = make_agent(obs, act, {**SMALL, "eval_state_mean": True}, seed=7)
+    data = random_batch(obs, act, batch=3, length=1, seed=8)
+    step = {"image": data["image"][:, 0], "vector": data["vector"][:, 0].astype(np.float32),
+            "is_first": np.ones(3, bool)}
+    batch3 = agent.policy(step, None, "eval")[0]["action"]
+    batch1 = agent.policy({key: value[1:2] for key, value in step.items()}, None, "eval")[0]["action"]
+    np.testing.assert_array_equal(batch1, batch3[1:2])
+    assert len(agent._policies) == 1
+    wide = agent.policy({**step, "vector": step["vector"].astype(np.float64)}, None, "eval")[0]["action"]
+    np.testing.assert_array_equal(wide, batch3)
+    assert len(agent._policies) == 2
 
 
 @pytest.mark.parametrize("devices, auto", [([], False), (["/device:GPU:0"], True)])
