@@ -516,6 +516,14 @@ def test_check_resume_allows_run_length_keys_and_refuses_architecture():
             rundir.check_resume(saved, saved.update({key: value, "steps": 5}))
 
 
+def test_check_resume_counts_keys_added_since_the_run_as_their_defaults():
+    saved = configlib.build(["defaults", "debug"])
+    older = configlib.Config({**saved.to_dict(), "rssm": {k: v for k, v in saved.rssm.items() if k != "ensemble"}})
+    assert rundir.check_resume(older, saved) == []
+    with pytest.raises(configlib.ConfigError, match=re.escape("rssm.ensemble: 1 -> 3")):
+        rundir.check_resume(older, saved.update({"rssm.ensemble": 3}))
+
+
 def test_every_fires_on_multiples_of_the_interval():
     every = Every(100)
     assert [every(step) for step in (37, 60, 99, 100, 150, 230, 300, 301)] == [

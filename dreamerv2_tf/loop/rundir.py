@@ -60,8 +60,11 @@ def locked_logdir(logdir: Path) -> Iterator[None]:
 
 
 def check_resume(saved: configlib.Config, config: configlib.Config) -> list[str]:
-    """Keys that changed since the saved config; raises ConfigError for architecture/optimizer keys."""
-    old, new = saved.flat(), config.flat()
+    """Keys that changed since the saved config; raises ConfigError for architecture/optimizer keys.
+
+    A key the saved config lacks is an option added since the run, which ran with its default.
+    """
+    old, new = {**configlib.build(["defaults"]).flat(), **saved.flat()}, config.flat()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     fatal = [k for k in changed if any(k == p or (p.endswith(".") and k.startswith(p)) for p in ARCHITECTURE_PREFIXES)]
     if fatal:
