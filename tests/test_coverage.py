@@ -1,5 +1,6 @@
 """State coverage of stored episodes (tools/coverage.py, scripts/coverage.py)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -75,3 +76,23 @@ def test_script_prints_a_table_and_a_one_line_error(tmp_path):
     result = subprocess.run(command[:-4] + ["--steps", "500"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_script_dims_selects_dimensions_and_refuses_missing_ones(tmp_path):
+    # Dimension 0 spans [-1, 1] in both runs; dimension 1 only in "wide".
+    ramp = np.linspace(-1, 1, 50)
+    write_run(tmp_path / "wide", [np.stack([ramp, ramp], 1)])
+    write_run(tmp_path / "flat", [np.stack([ramp, np.zeros(50)], 1)])
+    command = [sys.executable, str(ROOT / "scripts" / "coverage.py"), f"wide={tmp_path / 'wide'}",
+               f"flat={tmp_path / 'flat'}", "--key", "position", "--steps", "50", "--bins", "10", "--json"]
+    cases = (("0", {"wide": 10, "flat": 10}), ("1", {"wide": 10, "flat": 1}), (None, {"wide": 10, "flat": 10}))
+    for dims, expected in cases:
+        chosen = ["--dims", dims] if dims else []
+        result = subprocess.run(command + chosen, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)
+        assert {name: row["cells"] for name, row in rows.items()} == expected
+        assert rows["wide"]["grid"] == (100 if dims is None else 10)
+    result = subprocess.run(command + ["--dims", "0,2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "dimensions 0 to 1" in result.stderr
