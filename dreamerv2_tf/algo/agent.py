@@ -109,7 +109,7 @@ class Agent(tf.Module):
         self._train = distribute.replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
         self._report = tf.function(self._report_step)
         # Concrete policy graphs by mode and input signature (dtypes and shapes past the batch), traced on
-        # first use. Calling a concrete function skips tf.function's argument matching: 1 ms of a 5-ms step.
+        # first use. Calling a concrete function skips tf.function's argument matching (0.4 ms of a 6-ms step).
         self._policies: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
 
     def network_variables(self) -> list:
