@@ -139,10 +139,10 @@ def test_one_policy_graph_serves_any_batch_size_and_a_new_dtype_gets_its_own():
     batch3 = agent.policy(step, None, "eval")[0]["action"]
     batch1 = agent.policy({key: value[1:2] for key, value in step.items()}, None, "eval")[0]["action"]
     np.testing.assert_array_equal(batch1, batch3[1:2])
-    assert len(agent._policies) == 1
+    assert len(agent._policies.graphs) == 1
     wide = agent.policy({**step, "vector": step["vector"].astype(np.float64)}, None, "eval")[0]["action"]
     np.testing.assert_array_equal(wide, batch3)
-    assert len(agent._policies) == 2
+    assert len(agent._policies.graphs) == 2
 
 
 @pytest.mark.parametrize("devices, auto", [([], False), (["/device:GPU:0"], True)])
