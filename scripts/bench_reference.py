@@ -8,7 +8,9 @@ environment; then run this script:
 
 It builds the release's agent with its `atari` config in float32 and graph mode (its `jit: True`,
 which is how it trains), feeds one synthetic batch of the configured shape, and prints one JSON
-line with the update times. The release needs Keras 2, so it runs on tf-keras (TF_USE_LEGACY_KERAS).
+line with the update times and, with `--policy_steps`, its policy step times for 1 and 16 envs in
+one call (mode train, carrying the state), as `scripts/bench.py` times ours. The release needs
+Keras 2, so it runs on tf-keras (TF_USE_LEGACY_KERAS).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", required=True, help="folder the release was installed into with --target")
     parser.add_argument("--steps", type=int, default=4, help="timed updates after one warm-up update")
+    parser.add_argument("--policy_steps", type=int, default=0, help="timed policy steps for 1 and 16 envs")
     args = parser.parse_args()
     package = pathlib.Path(args.path) / "dreamerv2"
     if not (package / "agent.py").exists():
@@ -65,12 +68,30 @@ def main() -> None:
             value.numpy()
         return time.perf_counter() - start
 
+    def policy_ms(envs: int) -> float:
+        frames = rng.integers(0, 255, (8, envs, 64, 64, 1), np.uint8)
+        state = None
+        times = []
+        for step in range(args.policy_steps + 10):  # the first 10 trace and warm up
+            obs = {"image": frames[step % 8], "reward": np.zeros(envs, np.float32),
+                   "is_first": np.full(envs, state is None), "is_last": np.zeros(envs, bool),
+                   "is_terminal": np.zeros(envs, bool)}
+            start = time.perf_counter()
+            outputs, state = model.policy(obs, state, mode="train")
+            outputs["action"].numpy()
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times[10:]) * 1000.0, 3)
+
     first = update()  # traces the graph
     update()
     times = [update() for _ in range(args.steps)]
+    policy = {}
+    if args.policy_steps:
+        policy = {"policy_step_ms": policy_ms(1), "policy_ms_per_env_step": {"16": round(policy_ms(16) / 16, 3)}}
     print(json.dumps({"implementation": "dreamerv2 2.2.0 (authors' release)", "config": "atari", "precision": 32,
                       "batch": batch, "length": length, "first_update_s": round(first, 1),
                       "train_step_s": {"median": round(statistics.median(times), 3), "min": round(min(times), 3)},
+                      **policy,
                       "tensorflow": tf.__version__, "load_avg_1min": round(os.getloadavg()[0], 2)}))
 
 
