@@ -60,10 +60,9 @@ def check_task(task: str) -> None:
 
         ale_name(rest)
     elif prefix == "crafter":
-        from dreamerv2_tf.envs.crafter import TASKS
+        from dreamerv2_tf.envs.crafter import check_task as check_crafter_task
 
-        if rest not in TASKS:
-            raise ValueError(f"unknown Crafter task '{rest}'; choices: crafter_reward, crafter_noreward")
+        check_crafter_task(rest)
     elif prefix == "minatar":
         from dreamerv2_tf.envs.minatar import check_game
 

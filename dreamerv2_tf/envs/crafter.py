@@ -13,14 +13,19 @@ from dreamerv2_tf.envs import base
 TASKS = ("reward", "noreward")
 
 
+def check_task(task: str) -> None:
+    """A one-line ValueError for a Crafter task other than reward and noreward."""
+    if task not in TASKS:
+        raise ValueError(f"unknown Crafter task '{task}'; choices: crafter_reward, crafter_noreward")
+
+
 class Crafter:
     """`reward=False` hides the reward from the agent; 'log_reward' always carries the true one."""
 
     def __init__(self, task: str = "reward", *, seed: int = 0, size: tuple[int, int] = (64, 64)):
         import crafter
 
-        if task not in TASKS:
-            raise ValueError(f"unknown Crafter task '{task}'; choices: crafter_reward, crafter_noreward")
+        check_task(task)
         self._env = crafter.Env(size=(int(size[1]), int(size[0])), reward=task == "reward", seed=int(seed))
         self._size = (int(size[0]), int(size[1]))
         self._achievements = tuple(crafter.constants.achievements)
