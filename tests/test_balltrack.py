@@ -163,6 +163,7 @@ def test_track_report_known_answers():
     report = bt.track_report(np.array(truth), np.array(pred), np.array(baseline))
     assert report["steps"] == [1, 2, 3] and report["n"] == [2, 2, 1] and report["tolerance"] == 2.0
     assert report["hit"] == [0.5, 0.0, 1.0]
+    assert report["drawn"] == [1.0, 0.5, 1.0]  # the one predicted frame without a ball is at step 2
     assert report["distance"] == [1.5, pytest.approx(np.hypot(2, 1), abs=1e-3), pytest.approx(np.sqrt(2), abs=1e-3)]
     assert report["baseline_hit"] == [1.0, 1.0, 0.0]  # 2 px exactly is within the tolerance
     assert report["baseline_distance"] == [1.0, pytest.approx((2 + np.hypot(1, 1)) / 2, abs=1e-3),
@@ -176,9 +177,10 @@ def test_report_of_no_true_ball_is_none_and_the_table_shows_dashes():
     empty = np.array([[court()] * 2])
     report = bt.track_report(empty, empty, empty)
     assert report["n"] == [0, 0] and report["hit"] == [None, None] and report["distance"] == [None, None]
+    assert report["drawn"] == [None, None]
     lines = bt.format_table(report).splitlines()
-    assert len(lines) == 2 + 2 and lines[1].split()[:4] == ["k", "n", "hit", "distance"]
-    assert lines[2].split() == ["1", "0", "-", "-", "-", "-"]
+    assert len(lines) == 2 + 2 and lines[1].split()[:5] == ["k", "n", "hit", "drawn", "distance"]
+    assert lines[2].split() == ["1", "0", "-", "-", "-", "-", "-"]
 
 
 def test_openloop_report_repeats_the_last_observed_frame():

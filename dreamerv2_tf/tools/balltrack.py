@@ -163,6 +163,10 @@ def compare_positions(truth: np.ndarray, pred: np.ndarray, baseline: np.ndarray,
         hits = (present & (distance <= tolerance + 1e-9)).sum(axis=0)
         both = ~np.isnan(distance)
         report[prefix + "hit"] = [_short(h / n) if n else None for h, n in zip(hits, counts, strict=True)]
+        if not prefix:
+            # Tells a miss for want of a ball from a ball drawn in the wrong place.
+            drawn = (present & ~np.isnan(positions[..., 0])).sum(axis=0)
+            report["drawn"] = [_short(d / n) if n else None for d, n in zip(drawn, counts, strict=True)]
         report[prefix + "distance"] = [_short(distance[both[:, k], k].mean()) if both[:, k].any() else None
                                        for k in range(truth.shape[1])]
     return report
@@ -175,8 +179,9 @@ def track_report(true_frames: Any, pred_frames: Any, baseline_frames: Any,
     All three are frames [N, K, 64, 64(, 1)]: N sequences of K imagined steps. For each step k the report
     holds `n`, the number of frames whose true frame shows a ball; `hit`, the fraction of those whose predicted
     ball is within `tolerance` pixels (Euclidean) of the true one, a predicted frame without a ball being
-    a miss; `distance`, the mean distance in pixels over the frames where both show a ball; and the same
-    two for the baseline frames (`baseline_hit`, `baseline_distance`). Fractions and distances are None
+    a miss; `drawn`, the fraction of those whose predicted frame shows a ball at all; `distance`, the
+    mean distance in pixels over the frames where both show a ball; and hit and distance for the baseline
+    frames (`baseline_hit`, `baseline_distance`). Fractions and distances are None
     where no frame counts. Lists run over k = 1..K (`steps`).
     """
     return compare_positions(ball_positions(true_frames), ball_positions(pred_frames),
@@ -224,12 +229,13 @@ def write_report(path: str | Path, truth: np.ndarray, model: np.ndarray,
 
 def format_table(report: Mapping[str, Any]) -> str:
     """The per-step report as a text table, one line per imagined step k ('-' where nothing counts)."""
-    names = ("k", "n", "hit", "distance", "baseline hit", "baseline distance")
+    names = ("k", "n", "hit", "drawn", "distance", "baseline hit", "baseline distance")
     widths = [max(len(name) + 2, 6) for name in names]
-    lines = [f"hit: ball within {report['tolerance']:g} px of the true one; n: frames with a true ball; distance: "
-             "mean px where both show one; baseline: the last observed frame",
+    lines = [f"hit: ball within {report['tolerance']:g} px of the true one; n: frames with a true ball; "
+             "drawn: predicted frames showing a ball; distance: mean px where both show one; "
+             "baseline: the last observed frame",
              "".join(f"{name:>{width}}" for name, width in zip(names, widths, strict=True))]
-    columns = ("steps", "n", "hit", "distance", "baseline_hit", "baseline_distance")
+    columns = ("steps", "n", "hit", "drawn", "distance", "baseline_hit", "baseline_distance")
     for row in zip(*(report[name] for name in columns), strict=True):
         cells = [str(x) if i < 2 else "-" if x is None else f"{x:.3f}" for i, x in enumerate(row)]
         lines.append("".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)))
