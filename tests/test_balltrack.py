@@ -190,6 +190,19 @@ def test_openloop_report_repeats_the_last_observed_frame():
     assert report["steps"] == [1, 2, 3, 4, 5] and report["hit"] == [1.0] * 5 and report["distance"] == [0.0] * 5
     assert report["baseline_distance"] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert report["baseline_hit"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert report["recon_hit"] == 1.0 and report["recon_drawn"] == 1.0
+
+
+def test_openloop_report_scores_the_reconstructions_of_the_observed_frames():
+    truth = np.array([[court([(30, 10 + t)]) for t in range(6)], [court([(40, 20 + t)]) for t in range(6)]])
+    model = truth.copy()
+    model[0, 0] = court()  # a reconstruction without the ball
+    model[1, 1] = court([(40, 24)])  # one 3 px off
+    report = bt.openloop_report(truth, model, context=3)
+    assert report["recon_drawn"] == pytest.approx(5 / 6, abs=1e-3)
+    assert report["recon_hit"] == pytest.approx(4 / 6, abs=1e-3)
+    assert report["hit"] == [1.0, 1.0, 1.0]  # the imagined frames are untouched
+    assert bt.format_table(report).splitlines()[-1] == "reconstructions of the observed frames: hit 0.667, drawn 0.833"
 
 
 def test_frames_and_runs_the_tracker_cannot_read():

@@ -191,11 +191,21 @@ def track_report(true_frames: Any, pred_frames: Any, baseline_frames: Any,
 def openloop_report(truth: np.ndarray, model: np.ndarray, context: int,
                     tolerance: float = 2.0) -> dict[str, Any]:
     """`track_report` of an open-loop prediction, frames [N, T, 64, 64(, 1)] with `context` observed:
-    the imagined frames against the true ones, beside repeating the last observed frame."""
+    the imagined frames against the true ones, beside repeating the last observed frame; and
+    `recon_hit` and `recon_drawn` of the reconstructions of the observed frames, pooled over them."""
     true_positions = ball_positions(truth[:, context:])
     last = ball_positions(truth[:, context - 1])  # the baseline's frame is the same at every step
     baseline = np.broadcast_to(last[:, None], true_positions.shape)
-    return compare_positions(true_positions, ball_positions(model[:, context:]), baseline, tolerance)
+    report = compare_positions(true_positions, ball_positions(model[:, context:]), baseline, tolerance)
+    # The observed frames' reconstructions, pooled: a ball they lose is lost by the representation,
+    # not by the dynamics.
+    observed = ball_positions(truth[:, :context])
+    recon = compare_positions(observed, ball_positions(model[:, :context]), observed, tolerance)
+    seen = sum(recon["n"])
+    for name in ("hit", "drawn"):
+        pooled = sum(value * n for value, n in zip(recon[name], recon["n"], strict=True) if n)
+        report[f"recon_{name}"] = _short(pooled / seen) if seen else None
+    return report
 
 
 def check_run(track: str, task: str, frame_shape: tuple[int, ...], key: str = "image") -> None:
@@ -239,6 +249,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     for row in zip(*(report[name] for name in columns), strict=True):
         cells = [str(x) if i < 2 else "-" if x is None else f"{x:.3f}" for i, x in enumerate(row)]
         lines.append("".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)))
+    if report.get("recon_hit") is not None:
+        lines.append(f"reconstructions of the observed frames: hit {report['recon_hit']:.3f}, "
+                     f"drawn {report['recon_drawn']:.3f}")
     return "\n".join(lines)
 
 
