@@ -1,6 +1,7 @@
 """Stride-2 conv layer with a sub-pixel input gradient: same function, gradients and variables as Keras."""
 
 import glob
+import re
 import tempfile
 
 import keras
@@ -106,8 +107,10 @@ def executed_op_types(fn, x) -> set:
         space = xplane.XSpace()
         with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as file:
             space.ParseFromString(file.read())
-    return {plane.event_metadata[event.metadata_id].name.rpartition(":")[2]
-            for plane in space.planes for line in plane.lines for event in line.events}
+    names = {plane.event_metadata[event.metadata_id].name.rpartition(":")[2]
+             for plane in space.planes for line in plane.lines for event in line.events}
+    # On CPUs where oneDNN rewrites ops (AVX-512 ones), Conv2DBackpropFilter runs as _MklNativeConv2DBackpropFilter.
+    return {re.sub(r"^_Mkl(Native)?", "", name) for name in names}
 
 
 def test_unneeded_input_gradient_is_not_computed():
