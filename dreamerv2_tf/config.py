@@ -39,6 +39,8 @@ CHOICES = {
     r"rssm\.std_act": ("softplus", "sigmoid", "sigmoid2"),
     r"actor\.dist": ("auto", "onehot", "trunc_normal"),
     r"replay\.sample": ("episode", "step"),
+    r"dataset\.chunks": ("stream", "fresh"),
+    r"dmc\.scalars": ("vector", "scalar"),
 }
 
 # Valid ranges of numeric keys (a full-match pattern over dotted keys -> test, what the value must be),

@@ -285,7 +285,7 @@ def bench(config: configlib.Config, names: Sequence[str], options: Mapping[str, 
 
     def update():
         # Fetch every output so asynchronous devices have finished the update.
-        last.update({k: v.numpy() for k, v in agent.train(data).items()})
+        last.update({k: v.numpy() for k, v in agent.train(data)[0].items()})
 
     compile_s = None
     if options["warmup"]:

@@ -208,7 +208,7 @@ def test_agent_train_step_agrees_with_and_without_xla():
         sharpen([agent.wm.rssm._obs_stats, agent.wm.rssm._img_stats, agent.ac.actor._head._out])
     for a, b in zip(agents[0].variables, agents[1].variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # same seed, same initial weights
-    plain, xla = (agent.train(data) for agent in agents)
+    plain, xla = (agent.train(data)[0] for agent in agents)
     # Compare losses and gradient norms, not updated weights: Adam's first step is about lr * sign(grad)
     # and flips for gradients near zero, so weights after one update are no finer test than these.
     keys = ("model_loss", "image_loss", "reward_loss", "kl_loss", "actor_loss", "critic_loss", "critic_target",
@@ -247,7 +247,7 @@ def test_train_behavior_off_updates_the_world_model_only():
     agent = make_agent(obs, act, {**SMALL, "train_behavior": False}, seed=7)
     values = lambda variables: [v.numpy().copy() for v in variables]  # noqa: E731
     model, behavior = values(agent.wm.variables_to_train), values(agent.ac.variables)
-    metrics = agent.train(data)
+    metrics, _ = agent.train(data)
     assert "model_loss" in metrics and "actor_loss" not in metrics and "critic_loss" not in metrics
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(model, agent.wm.variables_to_train, strict=True))
     for before, after in zip(behavior, agent.ac.variables, strict=True):

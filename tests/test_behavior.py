@@ -269,7 +269,7 @@ def test_invalid_actor_grad_raises():
 def test_agent_train_step_is_finite_in_every_precision(prec):
     obs, act = obs_space(IMAGE), discrete_actions(3)
     agent = make_agent(obs, act, SMALL, prec=prec)
-    metrics = agent.train(random_batch(obs, act, batch=2, length=4))
+    metrics, _ = agent.train(random_batch(obs, act, batch=2, length=4))
     for key in ("model_loss", "actor_loss", "critic_loss", "image_loss", "reward_loss", "kl_loss"):
         assert key in metrics, key
     for key, value in metrics.items():

@@ -304,7 +304,7 @@ def _equivalence(strategy) -> dict:
     with _samples_are_modes():
         for index in range(TRAIN_STEPS):
             data = random_batch(obs, act, batch=4, length=6, seed=10 + index, firsts=(0, 3))
-            first, second = single.train(data), mirror.train(data)
+            first, second = single.train(data)[0], mirror.train(data)[0]
             metrics.append({key: [float(first[key]), float(second[key])] for key in first})
     try:
         mirror.train(random_batch(obs, act, batch=3, length=6))
@@ -366,7 +366,7 @@ def _end_to_end(strategy, tmp: Path) -> dict:
     dataset = iter(cluster.dataset(lambda batch: replay.dataset(batch, config.dataset.length), config.dataset.batch))
     batch = next(dataset)
     shapes = [list(value.shape) for value in strategy.experimental_local_results(batch["reward"])]
-    metrics = [{k: float(v) for k, v in agent.train(next(dataset)).items()} for _ in range(3)]
+    metrics = [{k: float(v) for k, v in agent.train(next(dataset))[0].items()} for _ in range(3)]
     policy_steps = driver(lambda obs, state: agent.policy(obs, state, "train"), steps=20)["steps"]
     agent.report(next(dataset))
     Checkpointer(tmp / "checkpoints", 1, agent=agent).save(1)
@@ -403,11 +403,11 @@ def _child_mixed16(out: Path) -> None:
         dst.assign(src.read_value())
     data = random_batch(obs, act, batch=4, length=6, seed=1)
     with _samples_are_modes():
-        first, second = single.train(data), mirror.train(data)
+        first, second = single.train(data)[0], mirror.train(data)[0]
         # A loss scale that overflows the gradients: every replica must skip the update alike.
         weights = [v.numpy() for v in mirror.wm.variables_to_train]
         mirror.wm.opt.opt.dynamic_scale.assign(3e38)
-        overflow = mirror.train(data)
+        overflow, _ = mirror.train(data)
     unchanged = all(np.array_equal(a, v.numpy()) for a, v in zip(weights, mirror.wm.variables_to_train, strict=True))
     keys = ("model_loss", "model_grad_norm", "actor_loss", "critic_loss", "model_loss_scale")
     out.write_text(json.dumps({
@@ -447,7 +447,7 @@ def _child_multi_worker(out: Path) -> None:
         for step in range(3):
             if step == 1 and cluster.is_chief:
                 next(dataset)  # an extra batch on the chief only (as for a video report) must not block
-            metrics.append({k: float(v) for k, v in agent.train(next(dataset)).items()})
+            metrics.append({k: float(v) for k, v in agent.train(next(dataset))[0].items()})
             checksums.append(float(sum(np.sum(v.astype(np.float64)) for v in _values(agent))))
     votes = {"all_mixed": cluster.agree(cluster.is_chief, "all"), "any_mixed": cluster.agree(cluster.is_chief, "any"),
              "all_true": cluster.agree(True, "all"), "chief_no": cluster.agree(not cluster.is_chief, "chief"),

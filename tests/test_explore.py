@@ -93,7 +93,7 @@ def test_explore_mode_acts_with_the_exploration_actor_and_the_others_with_the_ta
 def test_train_step_updates_the_explorer_and_logs_its_metrics():
     agent, data = agent_and_batch("plan2explore")
     before = [v.numpy().copy() for v in agent.explorer.network_variables()]
-    metrics = agent.train(data)
+    metrics, _ = agent.train(data)
     for key in ("expl_expl_loss", "expl_actor_loss", "expl_critic_loss", "expl_reward_mean", "actor_loss"):
         assert np.isfinite(metrics[key].numpy()), key
     changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, agent.explorer.network_variables(),

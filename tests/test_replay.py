@@ -1,5 +1,6 @@
 """Replay: episode files on disk, loading, eviction and sequence sampling."""
 
+import collections
 import re
 import signal
 import subprocess
@@ -48,9 +49,10 @@ def test_round_trip_files_and_counts(tmp_path):
     for path, episode in zip(paths, episodes, strict=True):
         assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{32}-" + str(len(episode["reward"])) + r"\.npz", path.name)
     assert sorted(paths) == paths  # names sort by time
-    assert (replay.num_steps, replay.num_episodes, replay.total_steps) == (17, 2, 17)
+    # Steps are counted as transitions, the steps after an episode's first (agent steps).
+    assert (replay.num_steps, replay.num_episodes, replay.total_steps) == (15, 2, 15)
     reloaded = Replay(tmp_path / "eps")
-    assert reloaded.stats()["replay_loaded_episodes"] == 2 and reloaded.total_steps == 17
+    assert reloaded.stats()["replay_loaded_episodes"] == 2 and reloaded.total_steps == 15
     for original, loaded in zip(episodes, reloaded.episodes(), strict=True):
         assert original.keys() == loaded.keys()
         for key in original:
@@ -86,66 +88,96 @@ def test_add_step_drops_abandoned_episode(tmp_path):
     replay.add_step({key: value[1] for key, value in episode.items()})
     for t in range(3):  # a new episode starts before the old one ended
         replay.add_step({key: value[t] for key, value in episode.items()})
-    assert replay.num_episodes == 1 and replay.num_steps == 3
+    assert replay.num_episodes == 1 and replay.num_steps == 2
 
 
 def test_capacity_evicts_oldest_but_keeps_files(tmp_path):
     replay = Replay(tmp_path, capacity=25)
     for marker in range(3):
         replay.add_episode(make_episode(10, float(marker)))
-    assert (replay.num_steps, replay.num_episodes) == (20, 2)
-    assert (replay.total_steps, replay.total_episodes) == (30, 3)
+    assert (replay.num_steps, replay.num_episodes) == (18, 2)  # 27 transitions held would pass 25
+    assert (replay.total_steps, replay.total_episodes) == (27, 3)
     assert [episode["vector"][0, 0] for episode in replay.episodes()] == [1.0, 2.0]
     assert len(list(tmp_path.glob("*.npz"))) == 3
-    markers = {replay.sample_sequence(4)["vector"][0, 0] for _ in range(50)}
+    markers = {replay.sample_window()["vector"][0, 0] for _ in range(50)}
     assert markers == {1.0, 2.0}
     # Reloading with a capacity keeps the newest episodes.
     reloaded = Replay(tmp_path, capacity=15)
     assert [episode["vector"][0, 0] for episode in reloaded.episodes()] == [2.0]
 
 
-def test_sequences_have_exact_length_and_continue_across_episodes(tmp_path):
-    replay = Replay(tmp_path, seed=1)
+def test_stream_chunks_cut_windows_and_continue_where_the_last_chunk_ended(tmp_path):
+    replay = Replay(tmp_path, seed=1, maxlen=4)
     for marker in range(3):
         replay.add_episode(make_episode(6, float(marker)))
-    for _ in range(20):
-        sequence = replay.sample_sequence(15)
-        assert all(value.shape[0] == 15 for value in sequence.values())
-        assert "log_score" not in sequence
-        assert sequence["is_first"][0]
-        # Inside a piece the step index grows by one; a new piece starts exactly where is_first is set.
-        step = sequence["vector"][:, 1]
-        boundary = np.concatenate([[True], np.diff(step) != 1])
-        np.testing.assert_array_equal(boundary, sequence["is_first"])
-        assert sequence["is_first"].sum() >= 3  # 15 steps need at least three 6-step episodes
+    stream = replay.chunks(7)
+    chunks = [next(stream) for _ in range(30)]
+    for chunk in chunks:
+        assert all(value.shape[0] == 7 for value in chunk.values()) and "log_score" not in chunk
+        # Inside a window the step index grows by one; a new window starts exactly where is_first is set.
+        step = chunk["vector"][:, 1]
+        np.testing.assert_array_equal(chunk["is_first"][1:], np.diff(step) != 1)
+    for before, after in zip(chunks, chunks[1:]):  # a chunk without is_first continues the previous one
+        if not after["is_first"][0]:
+            assert after["vector"][0, 1] == before["vector"][-1, 1] + 1
+            assert after["vector"][0, 0] == before["vector"][-1, 0]
+    mid_window = np.mean([not chunk["is_first"][0] for chunk in chunks])
+    assert 0.3 < mid_window < 1  # windows of 4 cut into chunks of 7: most chunks start inside one
+    fresh = replay.chunks(7, "fresh")
+    assert all(next(fresh)["is_first"][0] for _ in range(30))
+    with pytest.raises(ValueError, match="chunks must be one of stream, fresh"):
+        next(replay.chunks(7, "fixed"))
 
 
-def test_minlen_excludes_short_episodes(tmp_path):
+def test_episodes_shorter_than_minlen_stay_on_disk_but_are_not_sampled(tmp_path):
     replay = Replay(tmp_path, minlen=5)
-    replay.add_episode(make_episode(3, 1.0))
-    with pytest.raises(ValueError, match="at least 5 steps"):
-        replay.sample_sequence(2)
-    replay.add_episode(make_episode(8, 2.0))
-    assert {replay.sample_sequence(2)["vector"][0, 0] for _ in range(30)} == {2.0}
+    with pytest.warns(RuntimeWarning, match="fewer than minlen=5 transitions are kept"):
+        path = replay.add_episode(make_episode(5, 1.0))  # 4 transitions
+    assert path.exists() and replay.short_episodes == 1 and replay.num_episodes == 0
+    with pytest.raises(ValueError, match="at least 5 transitions"):
+        replay.sample_window()
+    replay.add_episode(make_episode(6, 2.0))  # 5 transitions: held
+    assert {replay.sample_window()["vector"][0, 0] for _ in range(30)} == {2.0}
+    with pytest.warns(RuntimeWarning, match="not sampled"):
+        reloaded = Replay(tmp_path, minlen=5)
+    assert (reloaded.num_episodes, reloaded.short_episodes) == (1, 1)
+    assert sorted(reloaded.file_lengths().values()) == [5, 6]  # both still count for the resumed step
 
 
-def test_maxlen_caps_pieces_and_is_the_default_length(tmp_path):
+def test_windows_are_capped_by_maxlen_and_shortened_by_up_to_minlen_minus_one(tmp_path):
     replay = Replay(tmp_path, maxlen=4)
     replay.add_episode(make_episode(50))
-    assert replay.sample_sequence()["reward"].shape == (4,)
-    sequence = replay.sample_sequence(10)
-    assert sequence["is_first"].sum() == 3  # pieces of 4, 4 and 2 steps
+    assert all(replay.sample_window()["reward"].shape == (4,) for _ in range(20))
+    shortened = Replay(tmp_path, minlen=3, maxlen=8, seed=0)
+    lengths = collections.Counter(len(shortened.sample_window()["reward"]) for _ in range(3000))
+    assert set(lengths) == {6, 7, 8} and min(lengths.values()) > 850  # 8 minus a uniform draw from {0, 1, 2}
 
 
-def test_prioritize_ends_reaches_final_steps(tmp_path):
-    def last_step_rate(prioritize):
-        replay = Replay(tmp_path / str(prioritize), prioritize_ends=prioritize, seed=0)
+def test_ongoing_episodes_are_sampled_once_long_enough(tmp_path):
+    episode = make_episode(20, 3.0, image=False)
+    for ongoing, expected in ((False, set()), (True, {3.0})):
+        replay = Replay(tmp_path / str(ongoing), minlen=5, maxlen=5, ongoing=ongoing)
+        replay.add_episode(make_episode(8, 1.0, image=False))
+        for t in range(4):
+            replay.add_step({key: value[t] for key, value in episode.items()})
+        assert {replay.sample_window()["vector"][0, 0] for _ in range(40)} == {1.0}  # 3 transitions: too short
+        for t in range(4, 10):
+            replay.add_step({key: value[t] for key, value in episode.items()})
+        markers = {replay.sample_window()["vector"][0, 0] for _ in range(60)}
+        assert markers - {1.0} == expected
+
+
+def test_prioritize_ends_gives_the_last_start_minlen_extra_draws(tmp_path):
+    def last_step_rate(prioritize, minlen):
+        replay = Replay(tmp_path / f"{prioritize}{minlen}", minlen=minlen, maxlen=10, prioritize_ends=prioritize,
+                        seed=0)
         replay.add_episode(make_episode(100, image=False))
-        return np.mean([replay.sample_sequence(10)["is_last"][-1] for _ in range(2000)])
+        windows = [replay.sample_window() for _ in range(4000)]
+        return np.mean([window["is_last"][-1] for window in windows if len(window["reward"]) == 10])
 
-    uniform, prioritized = last_step_rate(False), last_step_rate(True)
-    assert uniform < 0.03  # 1 of 91 start positions
-    assert 0.08 < prioritized < 0.14  # 11 of 101 start draws clip to the end
+    assert last_step_rate(False, 10) < 0.025  # 1 of 91 starts
+    assert 0.09 < last_step_rate(True, 10) < 0.13  # 11 of 101 draws: min(U{0..100}, 90)
+    assert 0.01 < last_step_rate(True, 1) < 0.035  # 2 of 92 draws
 
 
 @pytest.mark.parametrize("sample, expected", [("episode", 0.5), ("step", 0.9)])
@@ -153,7 +185,7 @@ def test_episode_choice_is_uniform_or_in_proportion_to_length(tmp_path, sample, 
     replay = Replay(tmp_path, seed=0, sample=sample)
     replay.add_episode(make_episode(90, 1.0, image=False))
     replay.add_episode(make_episode(10, 2.0, image=False))
-    long_rate = np.mean([replay.sample_sequence(1)["vector"][0, 0] == 1.0 for _ in range(4000)])
+    long_rate = np.mean([replay.sample_window()["vector"][0, 0] == 1.0 for _ in range(4000)])
     # Standard errors over 4000 draws are 0.008 (p 0.5) and 0.005 (p 0.9): a swapped rule lands 0.4 away.
     assert abs(long_rate - expected) < 0.03, long_rate
 
@@ -179,7 +211,7 @@ def test_corrupt_and_foreign_files_are_skipped_with_warning(tmp_path):
     for name in ("garbage.npz", "missing.npz", "lengths.npz", "00-other.npz"):
         assert name in messages
     assert replay.num_episodes == 1 and replay.stats()["replay_skipped_files"] == 4
-    assert replay.sample_sequence(3)["reward"].shape == (3,)
+    assert next(replay.chunks(3))["reward"].shape == (3,)
 
 
 def test_foreign_directory_loads_for_offline_training(tmp_path):
@@ -192,8 +224,8 @@ def test_foreign_directory_loads_for_offline_training(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         replay = Replay(tmp_path, capacity=0)
-    assert replay.num_episodes == 3 and replay.num_steps == 60
-    sequence = replay.sample_sequence(8)
+    assert replay.num_episodes == 3 and replay.num_steps == 57
+    sequence = next(replay.chunks(8))
     assert sequence["vector"].dtype == np.float32 and sequence["is_first"].dtype == bool
 
 
@@ -310,7 +342,7 @@ def test_episodes_with_nan_or_inf_are_refused_at_add_and_skipped_at_load(tmp_pat
     assert any("zz-nan.npz" in m and "reward" in m for m in messages)
     assert any("zz-inf.npz" in m and "vector" in m for m in messages)
     assert sorted(episode["vector"][0, 0] for episode in reloaded.episodes()) == [1.0, 4.0]
-    assert all(np.isfinite(reloaded.sample_sequence(12)["reward"]).all() for _ in range(50))
+    assert all(np.isfinite(reloaded.sample_window()["reward"]).all() for _ in range(50))
 
 
 def test_random_bytes_are_reported_as_not_an_npz_file(tmp_path):
@@ -339,7 +371,7 @@ def test_odd_file_sorting_newest_is_skipped_not_every_real_file(tmp_path):
         assert replay.num_episodes == 3 and replay.stats()["replay_skipped_files"] == 1
         lengths = replay.file_lengths()
         assert lengths["zzzz-odd.npz"] == 0 and sorted(lengths.values()) == [0, 8, 8, 8]
-        assert replay.sample_sequence(4)["vector"].shape == (4, 2)
+        assert next(replay.chunks(4))["vector"].shape == (4, 2)
 
 
 def test_env_signature_refuses_an_added_episode_of_other_shapes(tmp_path):

@@ -179,20 +179,27 @@ class Agent(tf.Module):
             return tf.where(pick[:, None], random, action)
         return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
 
-    def train(self, data: Mapping[str, tf.Tensor], env_step: int | None = None) -> dict[str, tf.Tensor]:
+    def train(self, data: Mapping[str, tf.Tensor], env_step: int | None = None, state=None):
         """One update of world model, actor and critic (unless train_behavior is off) on a batch [B, L, ...].
 
-        `env_step`, the number of agent steps so far, sets the clock of the schedules.
+        Returns (metrics, state). `state` is the posterior at the last step of every sequence: passed to
+        the next call, it is where a sequence that does not start with is_first continues from (replay
+        streams, `Replay.chunks`); None starts from zeros. `env_step`, the number of agent steps so far,
+        sets the clock of the schedules.
 
         Under a strategy, `data` is the global batch (split evenly across replicas) or already
-        distributed (from `distribute.distribute_dataset`); metrics are means over replicas.
+        distributed (from `distribute.distribute_dataset`); metrics are means over replicas and the
+        state stays per replica.
         """
         if env_step is not None:
             self.env_step.assign(int(env_step))
-        return self._train(distribute.split_batch(self.strategy, dict(data)))
+        data = distribute.split_batch(self.strategy, dict(data))
+        if state is None:  # zeros shaped like a carried state, so that the step is traced once
+            state = self.strategy.run(lambda part: self.wm.rssm.initial(tf.shape(part["action"])[0]), args=(data,))
+        return self._train(data, state)
 
-    def _train_step(self, data):
-        _, outputs, metrics = self.wm.train(data)
+    def _train_step(self, data, state):
+        state, outputs, metrics = self.wm.train(data, state)
         if self.train_behavior:
             reward_fn = lambda seq: self.wm.heads["reward"](seq["feat"]).mode()  # noqa: E731
             metrics.update(self.ac.train(self.wm, outputs["post"], data["is_terminal"], reward_fn))
@@ -200,7 +207,7 @@ class Agent(tf.Module):
                 explore = self.explorer.train(self.wm, outputs["post"], outputs, data)
                 metrics.update({f"expl_{key}": value for key, value in explore.items()})
         self.step.assign_add(1)
-        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}, state
 
     def report(self, data: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Open-loop video predictions (truth | model | error) for each video key."""

@@ -22,7 +22,7 @@ PREFIXES = ("atari", "dmc", "crafter", "minatar", "gym")
 MODES = ("train", "eval")
 PARALLEL = CHOICES["envs_parallel"]
 ATARI_DEFAULTS = {"sticky": True, "all_actions": True, "noops": 0, "grayscale": True, "lives": False, "ram": False}
-DMC_DEFAULTS = {"camera": -1, "image": True}
+DMC_DEFAULTS = {"camera": -1, "image": True, "scalars": "vector"}
 MINATAR_DEFAULTS = {"sticky": 0.1, "all_actions": True, "ramping": True}
 
 
@@ -100,7 +100,7 @@ def make_env(task: str, *, seed: int = 0, mode: str = "train", action_repeat: in
 
         options = _options("dmc", dmc, DMC_DEFAULTS)
         env = DMC(rest, seed=seed, action_repeat=action_repeat, size=size, camera=int(options["camera"]),
-                  image=bool(options["image"]))
+                  image=bool(options["image"]), scalars=str(options["scalars"]))
     elif prefix == "crafter":
         from dreamerv2_tf.envs.crafter import Crafter
 

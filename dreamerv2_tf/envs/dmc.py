@@ -81,7 +81,7 @@ class DMC:
     """One control suite task; actions in [-1, 1] are rescaled to the task's bounds."""
 
     def __init__(self, name: str, *, seed: int = 0, action_repeat: int = 2,
-                 size: tuple[int, int] = (64, 64), camera: int = -1, image: bool = True):
+                 size: tuple[int, int] = (64, 64), camera: int = -1, image: bool = True, scalars: str = "vector"):
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be at least 1, got {action_repeat}")
         domain, task = split_task(name)
@@ -93,12 +93,17 @@ class DMC:
         self._low = np.asarray(spec.minimum, np.float64)
         self._high = np.asarray(spec.maximum, np.float64)
         self._keys = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
         vectors = {}
         for key, array in self._env.observation_spec().items():
             if key in ("image", "reward") or key in base.FLAG_KEYS:
                 raise ValueError(f"DMC observation key '{key}' clashes with a reserved key")
             self._keys.append(key)
-            vectors[key] = base.vector_space((int(np.prod(array.shape)) or 1,))
+            # Scalars such as walker 'height': 1-vectors the MLP encoder reads, or, as in the release, scalars
+            # that the networks (which read rank-1 keys) skip.
+            keep_scalar = scalars == "scalar" and not array.shape
+            self._shapes[key] = () if keep_scalar else (int(np.prod(array.shape)) or 1,)
+            vectors[key] = base.vector_space(self._shapes[key])
         # Rendering costs more than the physics; proprioceptive runs can do without the image.
         self._image = bool(image)
         images = {"image": base.image_space(self._size, 3)} if self._image else {}
@@ -135,7 +140,6 @@ class DMC:
             image = self._env.physics.render(*self._size, camera_id=self._camera)
             obs["image"] = np.ascontiguousarray(image, np.uint8)
         for key in self._keys:
-            # Scalars such as walker 'height' become 1-vectors so every vector key has a feature axis.
-            obs[key] = np.asarray(step.observation[key], np.float32).reshape(-1)
+            obs[key] = np.asarray(step.observation[key], np.float32).reshape(self._shapes[key])
         obs.update(base.flags(reward, first=first, last=last, terminal=terminal))
         return obs

@@ -274,14 +274,15 @@ def _scale(value, factor: float):
     return value * tf.cast(factor, value.dtype)
 
 
-def replicated(fn: Callable[..., Mapping[str, tf.Tensor]], strategy: tf.distribute.Strategy | None = None,
-               jit: bool = False) -> Callable[..., dict[str, tf.Tensor]]:
-    """`fn` (returning a dict of scalar metrics) as a step that runs on every replica.
+def replicated(fn: Callable[..., tuple[Mapping[str, tf.Tensor], Any]], strategy: tf.distribute.Strategy | None = None,
+               jit: bool = False) -> Callable[..., tuple[dict[str, tf.Tensor], Any]]:
+    """`fn`, returning (dict of scalar metrics, state), as a step that runs on every replica.
 
     Under the default strategy this is `tf.function(fn, jit_compile=jit)`. Otherwise each replica runs
-    `fn` on its part of the (distributed) arguments and the metrics are averaged over replicas. XLA
-    compiles the replica function only when all replicas are GPUs: on other devices tf.distribute
-    synchronises through merge calls, which a compiled replica function cannot contain.
+    `fn` on its part of the (distributed) arguments; the metrics are averaged over replicas and the
+    state stays per replica, to be passed back in. XLA compiles the replica function only when all
+    replicas are GPUs: on other devices tf.distribute synchronises through merge calls, which a compiled
+    replica function cannot contain.
     """
     strategy = strategy or tf.distribute.get_strategy()
     if not is_distributed(strategy):
@@ -297,9 +298,9 @@ def replicated(fn: Callable[..., Mapping[str, tf.Tensor]], strategy: tf.distribu
             # TFP notes that stateful seeds make replicated sampling irreproducible; replicas are meant to
             # draw different samples, and results already depend on the number of replicas.
             warnings.filterwarnings("ignore", message="Using stateful random seeds in replicated context")
-            outputs = strategy.run(replica_fn, args=args)
+            metrics, state = strategy.run(replica_fn, args=args)
         return {key: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-                for key, value in outputs.items()}
+                for key, value in metrics.items()}, state
 
     return tf.function(step, reduce_retracing=True)
 

@@ -2,15 +2,17 @@
 
 The episode format and files: `dreamerv2_tf.loop.episodes`.
 
-Sampling (`sample`, config key `replay.sample`): only episodes with at least
-`minlen` steps are eligible. With `episode` (the default, the authors'
-release's rule) each eligible episode is equally likely, whatever its length;
-with `step` an episode is drawn with probability proportional to its length, so
-every stored step is equally likely. The start index is uniform, or with
-`prioritize_ends` drawn from [0, T] and clipped to T - length so that episode
-ends are seen often (paper section 2.1). A sequence shorter than requested is
-continued with another sampled episode; 'is_first' is True on the first step of
-every piece, so the model resets its state at each boundary.
+Sampling follows the authors' release. An episode is held for sampling only
+when it has at least `minlen` transitions (steps after the first); shorter ones
+are saved to disk but not held, and `capacity` counts the transitions held. With
+`sample: episode` (the default, the release's rule) each held episode is
+equally likely, whatever its length; with `step` an episode is drawn in
+proportion to its length. From the episode a window is cut (`sample_window`),
+and windows are cut into sequences of the dataset's length (`chunks`): as one
+stream, so that a sequence may begin inside a window with 'is_first' False
+(the release's rule), or each sequence from a fresh window. 'is_first' is True
+on the first step of every window, so the model resets its state there. With
+`ongoing`, episodes still being collected are sampled too once long enough.
 
 Validation: the keys, per-step shapes and dtypes every episode must have (its
 signature) come from the environment's spaces when they are given
@@ -48,6 +50,7 @@ from dreamerv2_tf.loop.episodes import (
 )
 
 SAMPLE_MODES = CHOICES[r"replay\.sample"]
+CHUNK_MODES = CHOICES[r"dataset\.chunks"]
 # With env spaces, loading gives up after this many non-matching files when none matched so far.
 MISMATCH_GIVE_UP = 10
 
@@ -62,7 +65,8 @@ class Replay:
 
     def __init__(self, directory: str | Path, capacity: int = 0, minlen: int = 1, maxlen: int = 0,
                  prioritize_ends: bool = False, seed: int = 0, load: bool = True, sample: str = "episode",
-                 signature: Mapping[str, tuple[tuple[int, ...], Any]] | None = None):
+                 signature: Mapping[str, tuple[tuple[int, ...], Any]] | None = None, ongoing: bool = False,
+                 warn_short: bool = True):
         if capacity < 0:
             raise ValueError(f"replay capacity must be 0 (unlimited) or positive, got {capacity}")
         if minlen < 1:
@@ -78,6 +82,8 @@ class Replay:
         self.maxlen = int(maxlen)
         self.prioritize_ends = bool(prioritize_ends)
         self.sample = sample
+        self.ongoing = bool(ongoing)
+        self.warn_short = bool(warn_short)  # warn once when an episode is too short to hold
         self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
         self._episodes: collections.deque[Episode] = collections.deque()
@@ -87,14 +93,15 @@ class Replay:
         self._loaded_episodes = 0
         self._skipped_files = 0
         self._refused_episodes = 0
+        self._short_episodes = 0
         self._file_lengths: dict[str, int] = {}
         self._signature: Signature | None = None
         self._from_spaces = signature is not None
         if signature is not None:
             self._signature = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in signature.items()}
-        self._buffers: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._buffers: dict[int, dict[str, list]] = {}  # unfinished episodes by worker: key -> steps
         self._cumulative: np.ndarray | None = None  # cached sampling weights; None when stale
-        self._eligible: list[Episode] = []
+        self._eligible: list[Mapping[str, Any]] = []
         if load:
             self._load()
 
@@ -102,15 +109,18 @@ class Replay:
 
     def add_step(self, transition: Mapping[str, Any], worker: int = 0) -> Path | None:
         """Buffer one step of `worker`'s episode; at is_last the episode is saved and added."""
-        buffer = self._buffers.setdefault(worker, [])
-        if transition["is_first"] and buffer:
-            buffer.clear()  # the previous episode was abandoned (e.g. the driver was reset)
-        buffer.append({key: np.array(value) for key, value in transition.items()})
-        if not transition["is_last"]:
-            return None
-        steps = self._buffers.pop(worker)
-        episode = {key: np.stack([step[key] for step in steps]) for key in steps[0]}
-        return self.add_episode(episode)
+        with self._lock:  # with `ongoing` the sampler reads the buffers
+            buffer = self._buffers.get(worker)
+            if buffer is None or transition["is_first"]:  # a new episode; an unfinished one was abandoned
+                buffer = self._buffers[worker] = {key: [] for key in transition}
+            for key, value in transition.items():
+                buffer[key].append(np.array(value))
+            if self.ongoing:
+                self._cumulative = None
+            if not transition["is_last"]:
+                return None
+            del self._buffers[worker]
+        return self.add_episode({key: np.stack(values) for key, values in buffer.items()})
 
     def add_episode(self, episode: Mapping[str, Any]) -> Path | None:
         """Save one episode to the directory and add it to memory; returns the file path.
@@ -132,60 +142,84 @@ class Replay:
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def sample_sequence(self, length: int | None = None) -> Episode:
-        """One sequence of exactly `length` steps (default maxlen) without log_ keys."""
-        length = int(length or self.maxlen)
-        if length < 1:
-            raise ValueError("sample_sequence needs a positive length (or a replay maxlen)")
-        pieces = []
-        need = length
+    def sample_window(self) -> Episode:
+        """One window of an episode, as the authors' release draws it, without log_ keys.
+
+        Its length is min(T, maxlen) (T: the episode's steps) shortened by a uniform draw from
+        [0, minlen) and kept at least minlen, so that windows of equally long episodes do not all end
+        together. Its start is uniform over the possible starts, or with `prioritize_ends`
+        min(U{0, .., T - length + minlen}, T - length): the last start gets minlen + 1 draws.
+        """
         with self._lock:
             episodes, cumulative = self._sampling_table()
-            keys = list(self._signature)
-            while need > 0:
-                if self.sample == "episode":  # every eligible episode equally likely
-                    index = int(self._rng.integers(0, len(episodes)))
-                else:  # in proportion to length: every stored step equally likely
-                    index = int(np.searchsorted(cumulative, self._rng.uniform(0, cumulative[-1]), side="right"))
-                episode = episodes[min(index, len(episodes) - 1)]
-                total = episode_length(episode)
-                take = min(need, self.maxlen) if self.maxlen else need
-                if self.prioritize_ends:
-                    start = min(int(self._rng.integers(0, total + 1)), total - take)
-                else:
-                    start = int(self._rng.integers(0, max(total - take, 0) + 1))
-                start = max(start, 0)
-                piece = {key: episode[key][start:start + take] for key in keys}
-                piece["is_first"] = piece["is_first"].copy()
-                piece["is_first"][0] = True
-                pieces.append(piece)
-                need -= len(piece["reward"])
-        if len(pieces) == 1:
-            return {key: np.array(value) for key, value in pieces[0].items()}
-        return {key: np.concatenate([piece[key] for piece in pieces]) for key in keys}
+            if self.sample == "episode":  # every eligible episode equally likely
+                index = int(self._rng.integers(0, len(episodes)))
+            else:  # in proportion to length: every stored step equally likely
+                index = int(np.searchsorted(cumulative, self._rng.uniform(0, cumulative[-1]), side="right"))
+            episode = episodes[min(index, len(episodes) - 1)]
+            total = episode_length(episode)
+            length = min(total, self.maxlen) if self.maxlen else total
+            length = max(self.minlen, length - int(self._rng.integers(0, self.minlen)))
+            upper = total - length + 1 + (self.minlen if self.prioritize_ends else 0)
+            start = min(int(self._rng.integers(0, upper)), total - length)
+            window = {key: np.array(episode[key][start:start + length], dtype)
+                      for key, (_, dtype) in self._signature.items()}
+        window["is_first"][0] = True
+        return window
 
-    def dataset(self, batch: int, length: int, prefetch: bool = True):
-        """tf.data.Dataset of dicts [batch, length, ...], sampled in the background and prefetched.
+    def chunks(self, length: int, mode: str = "stream") -> Iterator[Episode]:
+        """Endless sequences of exactly `length` steps cut from windows (`sample_window`).
 
-        Without `prefetch` each batch is sampled when it is requested, so the batches depend only on
-        the seed and the episodes added so far, not on thread timing (reproducible runs).
+        `stream` (the release's): windows follow each other and are cut into chunks wherever the
+        length falls, so a chunk may begin inside a window with is_first False; the model then
+        continues from the state the previous chunk of this stream ended in. `fresh`: every chunk
+        starts with a new window and the rest of the window that ends it is dropped.
+        """
+        if length < 1:
+            raise ValueError(f"chunk length must be positive, got {length}")
+        if mode not in CHUNK_MODES:
+            raise ValueError(f"chunks must be one of {', '.join(CHUNK_MODES)}, got '{mode}'")
+        window, position = self.sample_window(), 0
+        while True:
+            if mode == "fresh" and position:
+                window, position = self.sample_window(), 0
+            pieces, need = [], length
+            while need:
+                take = min(need, episode_length(window) - position)
+                pieces.append({key: value[position:position + take] for key, value in window.items()})
+                position, need = position + take, need - take
+                if position == episode_length(window):
+                    window, position = self.sample_window(), 0
+            yield {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
+
+    def dataset(self, batch: int, length: int, chunks: str = "stream", prefetch: bool = True, turns: int = 1):
+        """tf.data.Dataset of dicts [batch, length, ...]; row b of every batch continues stream b
+        (see `chunks`), so a state carried from one batch to the next belongs to the same row.
+
+        With `turns` > 1 the batches take turns between that many groups of streams: under
+        tf.distribute the replicas of a worker take consecutive batches, so each replica keeps
+        its own streams. Without `prefetch` each batch is sampled when it is requested, so the
+        batches depend only on the seed and the episodes added so far (reproducible runs).
         """
         import tensorflow as tf
 
-        if batch < 1 or length < 1:
-            raise ValueError(f"dataset batch and length must be positive, got batch={batch}, length={length}")
+        if batch < 1 or length < 1 or turns < 1:
+            raise ValueError(f"dataset batch, length and turns must be positive, got batch={batch}, "
+                             f"length={length}, turns={turns}")
         with self._lock:
             self._sampling_table()  # fails early with a clear message when nothing can be sampled
             signature = dict(self._signature)
-        spec = {key: tf.TensorSpec((length, *shape), tf.as_dtype(dtype)) for key, (shape, dtype) in
+        spec = {key: tf.TensorSpec((batch, length, *shape), tf.as_dtype(dtype)) for key, (shape, dtype) in
                 signature.items()}
 
         def generate() -> Iterator[Episode]:
+            groups = [[self.chunks(length, chunks) for _ in range(batch)] for _ in range(turns)]
             while True:
-                yield self.sample_sequence(length)
+                for streams in groups:
+                    rows = [next(stream) for stream in streams]
+                    yield {key: np.stack([row[key] for row in rows]) for key in signature}
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
-        dataset = dataset.batch(batch, drop_remainder=True)
         if prefetch:
             return dataset.prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
@@ -196,7 +230,7 @@ class Replay:
 
     @property
     def num_steps(self) -> int:
-        """Steps of the episodes held in memory."""
+        """Transitions (agent steps) of the episodes held in memory."""
         return self._num_steps
 
     @property
@@ -205,12 +239,17 @@ class Replay:
 
     @property
     def total_steps(self) -> int:
-        """Steps ever added to this replay, including episodes loaded from disk at start."""
+        """Transitions ever added to this replay, including episodes loaded from disk at start."""
         return self._total_steps
 
     @property
     def total_episodes(self) -> int:
         return self._total_episodes
+
+    @property
+    def short_episodes(self) -> int:
+        """Episodes added or loaded with fewer than `minlen` transitions: on disk, not held."""
+        return self._short_episodes
 
     @property
     def refused_episodes(self) -> int:
@@ -233,6 +272,7 @@ class Replay:
             "replay_loaded_episodes": self._loaded_episodes,
             "replay_skipped_files": self._skipped_files,
             "replay_refused_episodes": self._refused_episodes,
+            "replay_short_episodes": self._short_episodes,
         }
 
     def episodes(self) -> list[Episode]:
@@ -266,7 +306,7 @@ class Replay:
                 episode = read(path)
                 if episode is not None:
                     candidates.append((path, episode))
-                    steps += episode_length(episode)
+                    steps += self._held_length(episode)
                     if self.capacity and steps >= self.capacity:
                         break
             if candidates:
@@ -276,7 +316,7 @@ class Replay:
             for path, episode in candidates:
                 if episode_signature(episode) == self._signature:
                     loaded.append((path, episode))
-                    steps += episode_length(episode)
+                    steps += self._held_length(episode)
                 else:
                     mismatched.append((path, episode_signature(episode)))
         for path in paths:  # the rest, against the now known signature
@@ -289,7 +329,7 @@ class Replay:
                 continue
             if episode_signature(episode) == self._signature:
                 loaded.append((path, episode))
-                steps += episode_length(episode)
+                steps += self._held_length(episode)
             else:
                 mismatched.append((path, episode_signature(episode)))
         self._refuse_or_skip(mismatched, len(loaded))
@@ -332,24 +372,44 @@ class Replay:
             raise EpisodeError(f"{what} does not match the replay's keys, shapes or dtypes: "
                                f"{signature_difference(signature, expected, source)}")
 
+    def _held_length(self, episode: Episode) -> int:
+        """The transitions an episode adds to the replay's memory: none when it is too short to hold."""
+        length = transitions(episode)
+        return length if length >= self.minlen else 0
+
     def _insert(self, episode: Episode) -> None:
+        """Hold an episode for sampling, unless it has fewer than `minlen` transitions (its file stays)."""
+        length = transitions(episode)
         with self._lock:
-            self._episodes.append(episode)
-            length = episode_length(episode)
-            self._num_steps += length
             self._total_steps += length
             self._total_episodes += 1
-            # FIFO eviction of whole episodes; the newest one always stays.
+            if length < self.minlen:
+                if self.warn_short and not self._short_episodes:
+                    warnings.warn(f"episodes with fewer than minlen={self.minlen} transitions are kept in "
+                                  f"{self.directory} but not sampled (first one: {length})", RuntimeWarning,
+                                  stacklevel=3)
+                self._short_episodes += 1
+                return
+            self._episodes.append(episode)
+            self._num_steps += length
+            # FIFO eviction of whole episodes by transitions held; the newest one always stays.
             while self.capacity and self._num_steps > self.capacity and len(self._episodes) > 1:
-                self._num_steps -= episode_length(self._episodes.popleft())
+                self._num_steps -= transitions(self._episodes.popleft())
             self._cumulative = None
 
-    def _sampling_table(self) -> tuple[list[Episode], np.ndarray]:
+    def _sampling_table(self) -> tuple[list[Mapping[str, Any]], np.ndarray]:
         if self._cumulative is None:
-            self._eligible = [ep for ep in self._episodes if episode_length(ep) >= self.minlen]
+            self._eligible = list(self._episodes)
+            if self.ongoing:  # unfinished episodes, as soon as they are long enough
+                self._eligible += [buffer for buffer in self._buffers.values() if transitions(buffer) >= self.minlen]
             lengths = np.array([episode_length(ep) for ep in self._eligible], np.float64)
             self._cumulative = np.cumsum(lengths)
         if not self._eligible:
             raise ValueError(f"replay in {self.directory} has no episodes with at least {self.minlen} "
-                             f"steps to sample ({self.num_episodes} episodes held); collect data first")
+                             f"transitions to sample ({self._short_episodes} shorter ones); collect data first")
         return self._eligible, self._cumulative
+
+
+def transitions(episode: Mapping[str, Any]) -> int:
+    """Agent steps of an episode: its steps after the first (what minlen and capacity count)."""
+    return episode_length(episode) - 1
