@@ -23,7 +23,7 @@ from gymnasium import spaces
 
 from dreamerv2_tf.loop import divergence, rundir
 from dreamerv2_tf.loop import training as trainlib
-from dreamerv2_tf.loop.clocks import Counter, Every
+from dreamerv2_tf.loop.clocks import Clock, Counter
 from dreamerv2_tf.loop.episodes import space_signature
 from dreamerv2_tf.loop.logger import read_metrics
 from dreamerv2_tf.loop.replay import Replay
@@ -247,7 +247,9 @@ def test_junk_odd_and_nan_files_are_skipped_with_warnings_and_count_no_steps(bas
     assert "continuing at agent step" not in result.stdout  # a fresh run, not one at step 100 million
     assert f"finished at step {BASE_STEPS}" in result.stdout
     assert (logdir / "checkpoints" / f"ckpt-{BASE_STEPS}.index").exists()
-    assert [record["step"] for record in read_metrics(logdir)] == [150, 200, 250]
+    # Log lines at 150, 200, 250; eval lines of the random-action episode after prefill and of the evaluations
+    # at 100 and 200.
+    assert [record["step"] for record in read_metrics(logdir)] == [100, 100, 150, 200, 200, 250]
     found = warnings_in(result)
     assert len(found) == 3, found
     junk, = (w for w in found if "junk-99999999.npz" in w)
@@ -260,20 +262,20 @@ def test_junk_odd_and_nan_files_are_skipped_with_warnings_and_count_no_steps(bas
     assert len(caught) == 3 and replay.num_episodes == len(list((logdir / "train_episodes").glob("*.npz"))) - 3
     counted = rundir.resume_step(logdir / "no_metrics", logdir / "train_episodes", 0, replay.file_lengths())
     assert BASE_STEPS - 50 < counted <= BASE_STEPS  # the episode running at the end is not on disk
-    assert len(list((logdir / "eval_episodes").glob("*.npz"))) == 2  # evaluations at steps 100 and 200
+    # The random-action episode after prefill and the evaluations at steps 100 and 200.
+    assert len(list((logdir / "eval_episodes").glob("*.npz"))) == 3
 
 
 def test_eval_schedule_continues_after_resume(tmp_path):
-    # Evaluations logged with the step of the next log line (at least train_every steps later).
+    # Eval returns are written at the step they were played.
     (tmp_path / "metrics.jsonl").write_text('{"step": 200, "eval_return": 9.0}\n{"step": 250, "eval_return": 8.0}\n'
                                             '{"step": 300, "train_return": 1.0}\n')
-    last = rundir.last_eval_step(tmp_path, train_every=10)
-    every = Every(100, last)  # resumed at 260: the evaluation due at 200 was done
-    assert [every(step) for step in (260, 290, 300, 340, 400)] == [False, False, True, False, True]
-    resumed_late = Every(100, last)  # killed after 300 was passed but before its evaluation
-    assert resumed_late(310)
-    assert rundir.last_eval_step(tmp_path / "none", 10) is None  # a new run evaluates at once
-    assert Every(100, None)(120)
+    last = rundir.last_eval_step(tmp_path)
+    assert last == 250
+    every = Clock(100, catch_up=False, last=last)  # resumed at 260: the next block starts at 350
+    assert [every(step) for step in (260, 340, 352, 400, 452)] == [False, False, True, False, True]
+    assert rundir.last_eval_step(tmp_path / "none") is None  # a new run evaluates at once
+    assert Clock(100, catch_up=False)(120)
 
 
 def test_offline_folder_of_another_action_size_is_one_line_naming_folder_and_sizes(tmp_path):

@@ -127,7 +127,8 @@ def test_metrics_jsonl_has_returns_losses_steps_and_frames(pong_run):
     logdir, _ = pong_run
     records = read_metrics(logdir)
     steps = [record["step"] for record in records]
-    assert steps == sorted(set(steps)) and steps[-1] == 300
+    # Steps never go back; an eval episode has a line of its own at the step it was played.
+    assert steps == sorted(steps) and steps[-1] == 300
     assert all(record["frames"] == record["step"] * REPEAT for record in records)
     for key in ("train_return", "eval_return", *LOSSES):
         values = [record[key] for record in records if key in record]
@@ -218,8 +219,8 @@ def interrupted(tmp_path_factory) -> Interrupted:
         process = subprocess.Popen(train_cmd(logdir, "--steps", "5000"), stdout=log, stderr=subprocess.STDOUT,
                                    env=ENV, cwd=ROOT)
         try:
-            # Once a metrics line exists the loop runs, so the signal arrives mid-training.
-            wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 240, process, "a log line")
+            # Once a line with losses exists the loop runs, so the signal arrives mid-training.
+            wait_for(lambda: metrics.exists() and "model_loss" in metrics.read_text(), 240, process, "a log line")
             process.send_signal(signal.SIGINT)
             code = process.wait(timeout=120)
         finally:
@@ -271,7 +272,9 @@ def test_resume_with_more_steps_continues(pong_run, tmp_path):
     assert "continuing at agent step 300" in result.stdout
     records = read_metrics(logdir)
     assert records[:len(old)] == old
-    assert [record["step"] for record in records[len(old):]][0] > 300 and records[-1]["step"] == 400
+    # The first run ended at 300 without evaluating; the resumed one starts its block with an evaluation.
+    new = records[len(old):]
+    assert new[0]["step"] == 300 and "eval_return" in new[0] and records[-1]["step"] == 400
     assert checkpoint_number(logdir) == 400
     assert configlib.Config.load(logdir / "config.yaml").steps == 400
 
@@ -281,9 +284,10 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
 
     source = pong_run[0]
     logdir = tmp_path / "fresh"
-    # Steps equal to prefill and no pretraining: no update runs, so the final checkpoint holds what was loaded.
-    result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0",
-                           "--model_opt.lr", "3e-4"))
+    # Steps equal to prefill and no pretraining: only the first update runs, at learning rates too small
+    # to change a float32 weight and without weight decay, so the final checkpoint holds what was loaded.
+    tiny = [arg for name in ("model", "actor", "critic") for arg in (f"--{name}_opt.lr", "1e-30", f"--{name}_opt.wd", "0")]
+    result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0", *tiny))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "initialised weights from" in result.stdout and "resumed from" not in result.stdout
     loaded = checkpoint_values(tf.train.latest_checkpoint(str(logdir / "checkpoints")))
@@ -296,13 +300,14 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
     weights = [key for key in agent_keys if key not in fresh]
     assert len(weights) > 20 and any(key.startswith("agent/wm/rssm/") for key in weights)
     for key in weights:
-        np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+        if "/slow_critic/" not in key:  # the first update copies the critic into the slow critic
+            np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
     lr = "agent/wm/opt/opt/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"
     iterations = "agent/wm/opt/opt/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
-    assert float(saved[lr]) != 3e-4 and np.isclose(float(loaded[lr]), 3e-4)
-    assert int(saved[iterations]) > 0 and int(loaded[iterations]) == 0
+    assert float(saved[lr]) > 1e-6 and np.isclose(float(loaded[lr]), 1e-30, rtol=1e-3, atol=0)
+    assert int(saved[iterations]) > 1 and int(loaded[iterations]) == 1  # the first update only
     assert int(saved["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) > 0
-    assert int(loaded["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 0
+    assert int(loaded["agent/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 1
     assert int(loaded["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 100  # the agent step starts afresh
 
 

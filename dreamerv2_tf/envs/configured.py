@@ -26,7 +26,8 @@ def run_envs(config: configlib.Config, mode: str, seed: int, count: int = 1,
     """`count` envs for `mode`, seeded seed, seed + 1, ...: `config.task`'s, or the gymnasium envs
     `env_fn` builds (with the wrappers make_env applies to gym_<id> tasks)."""
     if env_fn is None:
-        parallel = config.envs_parallel if mode == "train" else "none"  # one eval env, in this process
+        # A single eval env steps in this process; several step as the train envs do.
+        parallel = config.envs_parallel if mode == "train" or count > 1 else "none"
         return make_envs(config.task, count, parallel, seed=seed, mode=mode, **env_kwargs(config, mode))
     from dreamerv2_tf.envs.gym import GymEnv
 

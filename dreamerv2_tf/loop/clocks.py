@@ -43,14 +43,46 @@ class Every:
         return False
 
 
+class Clock:
+    """The release's schedule clock: True on its first call, then once per `interval` counted from there.
+
+    With `catch_up` the next firing point moves on by `interval` each time (a clock checked after every
+    transition then fires exactly once per `interval` agent steps, however many envs step together);
+    without it, the next point is `interval` after the step it last fired at (evaluation blocks, checked
+    after whole vector steps). Never True when interval <= 0. `agree` as for `Every`.
+    """
+
+    def __init__(self, interval: int, catch_up: bool, last: int | None = None,
+                 agree: Callable[[bool], bool] | None = None):
+        self.interval, self.catch_up, self.last, self.agree = interval, catch_up, last, agree
+
+    def __call__(self, step: int) -> bool:
+        due = self._due(step)
+        return self.agree(due) if self.agree is not None else due
+
+    def _due(self, step: int) -> bool:
+        if self.interval <= 0:
+            return False
+        if self.last is None:
+            self.last = step
+            return True
+        if step >= self.last + self.interval:
+            self.last = self.last + self.interval if self.catch_up else step
+            return True
+        return False
+
+
 class Stopwatch:
     """Wall-clock time spent in named sections: as fractions of the time since the last `fractions()`,
     and in total seconds since `start()` (or creation).
 
-    Sections must not nest, so the fractions add up to at most 1 (the rest is the loop's own bookkeeping).
+    A section nested in another (an update run from a driver callback) counts for itself only, and
+    not for the section around it, so the fractions add up to at most 1 (the rest is the loop's own
+    bookkeeping).
     """
 
     def __init__(self) -> None:
+        self._nested: list[float] = []  # per open section, the time spent in the sections inside it
         self.start()
 
     def start(self) -> None:
@@ -62,10 +94,14 @@ class Stopwatch:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         begin = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            spent = time.perf_counter() - begin
+            elapsed = time.perf_counter() - begin
+            spent = elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
             self._spent[name] = self._spent.get(name, 0.0) + spent
             self._total[name] = self._total.get(name, 0.0) + spent
 
@@ -82,4 +118,4 @@ class Stopwatch:
         return time.perf_counter() - self._started, dict(self._total)
 
 
-__all__ = ["Counter", "Every", "Stopwatch"]
+__all__ = ["Counter", "Every", "Clock", "Stopwatch"]

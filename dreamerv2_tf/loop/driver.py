@@ -64,11 +64,13 @@ class Driver:
         self._episodes: list[list[dict[str, np.ndarray]]] = [[] for _ in self.envs]
         self._state: Any = None
 
-    def __call__(self, policy: Policy, steps: int = 0, episodes: int = 0) -> dict[str, int]:
-        """Step all envs until at least `steps` agent steps or `episodes` episodes in this call."""
+    def __call__(self, policy: Policy, steps: int = 0, episodes: int = 0,
+                 until: Callable[[], bool] | None = None) -> dict[str, int]:
+        """Step all envs until at least `steps` agent steps and `episodes` finished episodes in this call,
+        or until `until()` (checked after every step of all envs) returns True."""
         done_steps = done_episodes = 0
         count = len(self.envs)
-        while done_steps < steps or done_episodes < episodes:
+        while (done_steps < steps or done_episodes < episodes) and not (until and until()):
             self._reset_finished()
             batch = {key: np.stack([obs[key] for obs in self._obs]) for key in self._obs[0]}
             with self._time("policy"):

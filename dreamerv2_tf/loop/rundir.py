@@ -103,17 +103,14 @@ def episode_lengths(directory: Path, known: Mapping[str, int] | None = None) -> 
     return [length - 1 for length in lengths if length]
 
 
-def last_eval_step(logdir: Path, train_every: int) -> int | None:
-    """The agent step of the last logged evaluation, so a resumed run continues the eval schedule.
-
-    Eval metrics are written with the step of the next log line, which comes at least one collection
-    (`train_every` steps) after the evaluation at the top of the loop. None when none was logged.
-    """
+def last_eval_step(logdir: Path) -> int | None:
+    """The agent step of the last logged evaluation (eval returns are written at the step they were
+    played), so a resumed run continues the eval schedule. None when none was logged."""
     if not (logdir / METRICS_FILE).is_file():
         return None
     steps = [int(record.get("step", 0)) for record in read_metrics(logdir, null_as_nan=False)
              if "eval_return" in record]
-    return max(max(steps) - max(train_every, 1), 0) if steps else None
+    return max(steps) if steps else None
 
 
 def stopped_by_os_error(exc: OSError, save: Callable[[], None], logdir: Path) -> BaseException:

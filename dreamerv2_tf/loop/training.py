@@ -16,7 +16,7 @@ import numpy as np
 from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
-from dreamerv2_tf.loop.clocks import Counter, Every, Stopwatch
+from dreamerv2_tf.loop.clocks import Clock, Counter, Every, Stopwatch
 from dreamerv2_tf.loop.divergence import Diverged, DivergenceCheck
 from dreamerv2_tf.loop.logger import Logger
 from dreamerv2_tf.loop.rundir import (
@@ -164,11 +164,14 @@ class Training:
         self._make_drivers()
 
     def _make_envs(self, env_fn: Callable[[], Any] | None) -> None:
+        """The train envs and, as in the release, min(envs, eval_eps) eval envs that play at once."""
         config = self.config
         self.train_envs = run_envs(config, "train", config.seed, config.envs, env_fn)
         self.envs += self.train_envs
-        self.eval_env = run_envs(config, "eval", config.seed + EVAL_SEED_OFFSET, 1, env_fn)[0]
-        self.envs.append(self.eval_env)
+        self.eval_envs = run_envs(config, "eval", config.seed + EVAL_SEED_OFFSET, min(config.envs, config.eval_eps),
+                                  env_fn) if config.eval_eps else []
+        self.envs += self.eval_envs
+        self.spaces = (self.train_envs[0].obs_space, self.train_envs[0].act_space)
 
     def _open_replays(self) -> None:
         from dreamerv2_tf.loop.episodes import space_signature
@@ -177,12 +180,15 @@ class Training:
         config, replay = self.config, self.config.replay
         # Episodes must fit the env's spaces: a file that does not is skipped, a folder of another task's
         # episodes is refused with one line (instead of a Keras shape error at the first update).
-        signature = space_signature(self.eval_env.obs_space, self.eval_env.act_space)
+        signature = space_signature(*self.spaces)
         self.train_replay = Replay(self.replay_dir, replay.capacity, replay.minlen, replay.maxlen,
                                    replay.prioritize_ends, seed=config.seed, sample=replay.sample,
-                                   signature=signature)
-        self.eval_replay = Replay(self.logdir / "eval_episodes", capacity=max(1, config.eval_eps) * 10**5,
-                                  seed=config.seed, load=False, signature=signature)
+                                   signature=signature, ongoing=replay.ongoing)
+        # As the release: a tenth of the capacity, and whole sequences of the dataset's length (for reports).
+        length = config.dataset.length
+        self.eval_replay = Replay(self.logdir / "eval_episodes", capacity=replay.capacity // 10, minlen=length,
+                                  maxlen=length, seed=config.seed, load=False, signature=signature,
+                                  warn_short=False)
 
     def _build_agent(self) -> None:
         import tensorflow as tf
@@ -192,7 +198,7 @@ class Training:
 
         config, cluster = self.config, self.cluster
         with cluster.scope():  # variables mirrored on every replica
-            self.agent = Agent(self.eval_env.obs_space, self.eval_env.act_space, config, self.precision)
+            self.agent = Agent(*self.spaces, config, self.precision)
         print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in self.agent.param_counts().items()))
         # The agent step is checkpointed too: offline runs have no episodes to count it from.
         self.saved_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="agent_steps")
@@ -218,8 +224,9 @@ class Training:
         self.train_driver = Driver(self.train_envs, on_step=[self.train_replay.add_step, count_step],
                                    on_episode=[lambda episode, worker: self._on_episode("train", episode)],
                                    stopwatch=self.stopwatch)
-        self.eval_driver = Driver([self.eval_env], on_step=[self.eval_replay.add_step],
-                                  on_episode=[lambda episode, worker: self._on_episode("eval", episode)])
+        self.eval_driver = Driver(self.eval_envs, on_step=[self.eval_replay.add_step],
+                                  on_episode=[lambda episode, worker: self._on_episode("eval", episode)]
+                                  ) if self.eval_envs else None
         self.last_video = {"train": -10**12}
         self.eval_dataset = None
 
@@ -227,38 +234,45 @@ class Training:
         config = self.config
         patterns = {"sum": config.log_keys_sum, "mean": config.log_keys_mean, "max": config.log_keys_max}
         metrics = episode_metrics(episode, prefix, patterns)
-        if prefix == "eval":
-            print(f"eval episode: return {metrics['eval_return']:.1f}, length {metrics['eval_length']:.0f}")
         self.logger.add(metrics)
         for key in self.agent.video_keys:  # every eval episode, a training episode every eval_every steps
             if prefix == "eval" or self.step.value - self.last_video["train"] >= self.config.eval_every:
                 self.logger.video(f"{prefix}_policy_{key}", episode[key])
                 self.last_video[prefix] = self.step.value
+        if prefix == "eval":  # each eval episode at its own step, as the release writes them
+            self.logger.write()
 
     def run(self) -> Path:
-        """Prefill, pretrain, then the loop: the algorithm's steps, each on its own clock."""
+        """Prefill, pretrain, then the loop: the algorithm's steps, each on its own clock.
+
+        The schedule is the release's: `train_steps` updates once per `train_every` agent steps, checked
+        after every single transition (so with several envs an update can fall inside a vector step), and
+        an evaluation at the start of every block of `eval_every` agent steps.
+        """
         config, step, agree = self.config, self.step, self.cluster.agree
         with self.stop:
             if not self.offline:
                 self.prefill()
             if self.train_replay.num_episodes == 0 and not self.stop.requested:
-                raise configlib.ConfigError(f"no episodes to train on in {self.replay_dir}")
+                raise configlib.ConfigError(f"no episodes to train on in {self.replay_dir} (none with at least "
+                                            f"replay.minlen={config.replay.minlen} transitions)")
             self.pretrain()
             # Clocks whose decision leads to updates or saves agree across workers (the chief's decides).
             chief = lambda due: agree(due, "chief")  # noqa: E731
-            should_train = Every(config.train_every, step.value, agree=chief)
+            self.should_train = Clock(config.train_every, catch_up=True, agree=chief)
+            should_eval = Clock(config.eval_every, catch_up=False,
+                                last=last_eval_step(self.logdir) if self.resumed else None)
             should_log = Every(config.log_every, step.value)
-            should_eval = Every(config.eval_every, last_eval_step(self.logdir, config.train_every))
             should_save = Every(config.checkpoint_every, step.value, agree=chief)
+            self.train_driver.on_step(lambda transition, worker: transition["is_first"] or self.train_when_due())
             progress = Progress(config.steps, "training", initial=step.value)
             self.logger.rates(self.updates)
+            self.rate_mark = (step.value, self.updates)
             self.stopwatch.start()  # the loop's time starts here, after prefill and pretraining
             while self.running():
-                if should_eval(step.value) and config.eval_eps > 0:
+                if self.eval_driver and should_eval(step.value):
                     self.evaluate()
                 self.collect()
-                if should_train(step.value):
-                    self.train()
                 if should_log(step.value):
                     self.log()
                 if should_save(step.value):
@@ -277,34 +291,52 @@ class Training:
                 and self.cluster.agree(not self.stop.requested))
 
     def prefill(self) -> None:
+        """Random actions until `prefill` agent steps and an episode to train on; then, as the release, one
+        round of evaluation episodes with random actions, logged as the eval returns of this step."""
         from dreamerv2_tf.loop.driver import random_policy
 
-        policy = random_policy(self.eval_env.act_space, len(self.train_envs), self.config.seed)
-        prefill_replay(self.train_driver, policy, self.step, self.train_replay, self.config.prefill, self.stop)
+        act_space, seed = self.spaces[1], self.config.seed
+        policy = random_policy(act_space, len(self.train_envs), seed)
+        collected = prefill_replay(self.train_driver, policy, self.step, self.train_replay, self.config.prefill,
+                                   self.stop)
+        if collected and self.eval_driver and not self.stop.requested:
+            random_eval = random_policy(act_space, len(self.eval_envs), seed + EVAL_SEED_OFFSET)
+            self.eval_driver(random_eval, episodes=1, until=lambda: self.stop.requested)
+            self.eval_driver.reset()
 
     def pretrain(self) -> None:
-        """The dataset, then `pretrain` updates on the prefilled replay (not when resuming)."""
+        """The datasets, then 1 + `pretrain` updates on the prefilled replay (not when resuming): the
+        release's first update, which builds its graphs, and then `pretrain` more."""
         config = self.config
+        self.carry = None  # the latent state the next update continues from (see Agent.train)
         # A stop during prefill may leave nothing to sample; the loop is skipped then anyway.
-        self.dataset = None if self.stop.requested else iter(self.cluster.dataset(
-            lambda batch: self.train_replay.dataset(batch, config.dataset.length, prefetch=not config.deterministic),
-            config.dataset.batch))
+        if not self.stop.requested:
+            # Under tf.distribute a worker's replicas take consecutive batches: each gets its own streams.
+            turns = max(1, self.cluster.num_replicas // self.cluster.num_workers)
+            self.dataset = iter(self.cluster.dataset(
+                lambda batch: self.train_replay.dataset(batch, config.dataset.length, config.dataset.chunks,
+                                                        prefetch=not config.deterministic, turns=turns),
+                config.dataset.batch))
+            # Reports read their own stream, so that they take nothing from the training streams.
+            self.report_dataset = iter(self.train_replay.dataset(config.dataset.batch, config.dataset.length,
+                                                                 config.dataset.chunks, prefetch=False))
         if self.cluster.agree(not self.resumed and not self.stop.requested, "chief") and \
                 self.cluster.agree(not self.stop.requested):
-            print(f"pretraining for {config.pretrain} updates")
-            for _ in range(config.pretrain):
-                self.divergence(self.agent.train(next(self.dataset), self.step.value), int(self.agent.step.numpy()))
+            print(f"pretraining for 1 + {config.pretrain} updates")
+            for _ in range(1 + config.pretrain):
+                if not self.cluster.agree(not self.stop.requested):
+                    break
+                self.update()
         self.updates = int(self.agent.step.numpy())
 
     def evaluate(self) -> None:
-        """`eval_eps` episodes with the eval policy, one at a time so a stop request need not wait for all,
-        then the world-model report (open-loop video) on sequences of the evaluation episodes."""
+        """At least `eval_eps` episodes with the eval policy on the eval envs (every episode they finish
+        meanwhile counts), then the world-model report (open-loop video) on the eval episodes. A stop
+        request ends the episodes in play."""
         self.eval_driver.reset()
         with self.stopwatch("eval"):
-            for _ in range(self.config.eval_eps):
-                if self.stop.requested:
-                    break
-                self.eval_driver(lambda obs, state: self.agent.policy(obs, state, "eval"), episodes=1)
+            self.eval_driver(lambda obs, state: self.agent.policy(obs, state, "eval"), episodes=self.config.eval_eps,
+                             until=lambda: self.stop.requested)
             if self.agent.video_keys and self.eval_replay.num_episodes and not self.stop.requested:
                 if self.eval_dataset is None:  # sampled on request: only evaluations read it
                     config = self.config
@@ -314,23 +346,32 @@ class Training:
                 self.logger.add({key: value.numpy() for key, value in report.items()}, prefix="eval")
 
     def collect(self) -> None:
-        """`train_every` agent steps into the replay (offline: the counter alone advances)."""
+        """One step of every train env into the replay; updates happen in between, when due (offline: the
+        counter alone advances)."""
         if self.offline:
-            self.step.increment(self.config.train_every)
+            self.step.increment(1)
+            self.train_when_due()
             return
         mode = policy_mode(self.step.value, self.config.expl_until)
-        self.train_driver(lambda obs, state: self.agent.policy(obs, state, mode), steps=self.config.train_every)
+        self.train_driver(lambda obs, state: self.agent.policy(obs, state, mode), steps=1)
 
-    def train(self) -> None:
-        """`train_steps` updates, each checked so a non-finite state is never saved or trained on."""
-        for index in range(self.config.train_steps):
-            with self.stopwatch("replay"):
-                batch = next(self.dataset)
-            with self.stopwatch("update"):  # the check reads the results, so this waits for the update
-                result = self.divergence(self.agent.train(batch, self.step.value), self.updates + index + 1)
-            for key, value in result.items():
-                self.metrics[key].append(value)
-        self.updates += self.config.train_steps
+    def train_when_due(self) -> None:
+        """`train_steps` updates when the train clock says so (it is asked after every transition)."""
+        if self.should_train(self.step.value):
+            for _ in range(self.config.train_steps):
+                self.update()
+
+    def update(self) -> None:
+        """One update on the next batch, continuing the carried latent state, and checked so that a
+        non-finite state is never saved or trained on."""
+        with self.stopwatch("replay"):
+            batch = next(self.dataset)
+        with self.stopwatch("update"):  # the check reads the results, so this waits for the update
+            metrics, self.carry = self.agent.train(batch, self.step.value, self.carry)
+            result = self.divergence(metrics, self.updates + 1)
+        self.updates += 1
+        for key, value in result.items():
+            self.metrics[key].append(value)
 
     def log(self) -> None:
         """The mean of the update metrics since the last log, the replay's size, a world-model report, and
@@ -339,9 +380,11 @@ class Training:
         with self.stopwatch("log"):
             logger.add({key: float(np.mean(values)) for key, values in self.metrics.items()})
             self.metrics.clear()
+            steps, updates = self.step.value - self.rate_mark[0], self.updates - self.rate_mark[1]
+            self.rate_mark = (self.step.value, self.updates)
             logger.add({"replay_steps": replay.num_steps, "replay_episodes": replay.num_episodes,
-                        "updates": self.updates})
-            logger.add({key: value.numpy() for key, value in self.agent.report(next(self.dataset)).items()})
+                        "replay_short_episodes": replay.short_episodes, "updates": self.updates, "updates_per_step": updates / max(steps, 1)})
+            logger.add({key: value.numpy() for key, value in self.agent.report(next(self.report_dataset)).items()})
         logger.add(self.stopwatch.fractions())
         logger.rates(self.updates)
         with self.stopwatch("log"):  # counted in the next interval's fractions
@@ -359,20 +402,25 @@ class Training:
             env.close()
 
 
-def prefill_replay(driver: Any, policy: Any, step: Counter, replay: Any, steps: int, stop: Stop) -> None:
-    """Random-policy data up to `steps` agent steps, and at least one finished episode to train on."""
+def prefill_replay(driver: Any, policy: Any, step: Counter, replay: Any, steps: int, stop: Stop) -> bool:
+    """Random-policy data up to `steps` agent steps, and at least one episode held to train on; False when
+    there was nothing to do (a resumed run)."""
     if step.value >= steps and replay.num_episodes:
-        return
+        return False
     progress = Progress(steps, "prefill", initial=step.value)
     while (step.value < steps or not replay.num_episodes) and not stop.requested:
         if not replay.num_episodes and replay.refused_episodes >= PREFILL_REFUSED_LIMIT:
             # Every episode so far had NaN or inf values: waiting for a clean one could take forever.
             raise ValueError(f"the environment's first {replay.refused_episodes} episodes all held non-finite "
                              f"values (see the warnings above), so {replay.directory} has none to train on")
+        if step.value >= steps and not replay.num_episodes and replay.short_episodes >= PREFILL_REFUSED_LIMIT:
+            raise ValueError(f"all {replay.short_episodes} episodes of the prefill had fewer than replay.minlen="
+                             f"{replay.minlen} transitions, so none can be sampled; lower replay.minlen")
         driver(policy, steps=max(1, min(100, steps - step.value)))
         progress.update_to(step.value)
     progress.close()
     driver.reset()
+    return True
 
 
 def policy_mode(step: int, expl_until: int) -> str:

@@ -1,0 +1,117 @@
+"""SIGTERM and SIGINT in every phase of a run: prefill, pretraining and evaluation stop within seconds, save a
+checkpoint and exit 0, so that a scheduler's grace period is enough (an Atari eval episode can last 27,000
+agent steps).
+
+The runs train on a small env through the Python API in a subprocess. Its training episodes are cut at 20
+steps by `train_time_limit`; evaluation episodes run 20,000 steps, far longer than the test waits. The env
+writes a line to a file when an episode passes step 300, so the test knows an evaluation is under way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": str(ROOT)}
+SCRIPT = """
+import sys
+import gymnasium
+import numpy as np
+import dreamerv2_tf
+from dreamerv2_tf import config as configlib
+
+MARKER = sys.argv[2]
+
+class Corridor(gymnasium.Env):
+    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == 300:  # only evaluation episodes get this far
+            with open(MARKER, "a") as f:
+                f.write("long episode\\n")
+        return np.full(3, np.sin(self.t), np.float32), 0.0, self.t >= 20000, False, {}
+
+overrides = dict(arg.split("=", 1) for arg in sys.argv[3:])
+config = {"logdir": sys.argv[1], "steps": 10**6, "train_time_limit": 20, "eval_eps": 1, "eval_every": 10**6,
+          "log_every": 50, "checkpoint_every": 10**6}
+config.update({key: int(value) for key, value in overrides.items()})
+dreamerv2_tf.train(Corridor, configlib.build(["defaults", "vector", "debug"], config))
+"""
+
+
+def start(tmp_path: Path, **overrides: int) -> tuple[subprocess.Popen, Path, Path]:
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    marker, logdir = tmp_path / "marker.txt", tmp_path / "run"
+    out = open(tmp_path / "out.txt", "w")
+    process = subprocess.Popen([sys.executable, str(script), str(logdir), str(marker),
+                                *(f"{key}={value}" for key, value in overrides.items())],
+                               stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+    return process, logdir, tmp_path / "out.txt"
+
+
+def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{what}: not reached (exit {process.poll()})")
+        time.sleep(0.2)
+
+
+def stop_and_check(process: subprocess.Popen, logdir: Path, output: Path, sig: int) -> str:
+    sent = time.time()
+    process.send_signal(sig)
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = output.read_text()
+    assert code == 0, text[-3000:]
+    assert time.time() - sent < 30, text[-3000:]  # seconds, not the length of the phase
+    assert f"received {signal.Signals(sig).name}" in text
+    stopped = int(re.search(r"stopped at step ([\d,]+)", text).group(1).replace(",", ""))
+    assert (logdir / "checkpoints" / f"ckpt-{stopped}.index").exists(), text[-3000:]
+    return text
+
+
+def test_sigterm_during_evaluation_ends_the_episode_saves_and_exits(tmp_path):
+    process, logdir, output = start(tmp_path, prefill=100)
+    marker = tmp_path / "marker.txt"
+    # The first long episode is the random-action evaluation after prefill; the second, the eval policy's.
+    wait_until(lambda: marker.exists() and len(marker.read_text().splitlines()) >= 1, process, "random evaluation")
+    wait_until(lambda: len(marker.read_text().splitlines()) >= 2, process, "policy evaluation")
+    text = stop_and_check(process, logdir, output, signal.SIGTERM)
+    assert "pretraining for" in text
+    # The random-action episode is stored; the eval policy's unfinished one is not.
+    assert len(list((logdir / "eval_episodes").glob("*.npz"))) == 1
+
+
+@pytest.mark.parametrize("phase, sig", [("prefill", signal.SIGINT), ("pretrain", signal.SIGTERM)])
+def test_signal_during_prefill_or_pretraining_saves_and_exits(tmp_path, phase, sig):
+    if phase == "prefill":
+        process, logdir, output = start(tmp_path, prefill=10**6)
+        wait_until(lambda: len(list((logdir / "train_episodes").glob("*.npz"))) >= 3, process, "prefill")
+    else:
+        process, logdir, output = start(tmp_path, prefill=100, pretrain=10**5, eval_eps=0)
+        wait_until(lambda: "pretraining for" in output.read_text(), process, "pretraining")
+        time.sleep(3)
+    text = stop_and_check(process, logdir, output, sig)
+    assert ("pretraining for" in text) == (phase == "pretrain")
