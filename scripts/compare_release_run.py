@@ -16,7 +16,8 @@ Edits to the release, made as it is loaded (the installed files stay unchanged),
 - its `make_env` builds this project's env: a `Discrete(n)` action becomes the one-hot box with `.n` the
   release expects, observation spaces become gym boxes;
 - it logs videos only of keys the episode has (its config refuses an empty `log_keys_video`, and its
-  default `image` key does not exist on vector envs);
+  default `image` key does not exist on vector envs), and only of frames with 1 or 3 channels (its GIF
+  writer fails on MinAtar's 4 object layers);
 - its logger counts agent steps, not frames, as this project's `step` does;
 - its eval replay refuses episodes shorter than `dataset.length`, and it needs one for the eval report: after
   prefill, random eval episodes (stored, not logged) are collected until one is that long;
@@ -169,6 +170,19 @@ def seeder(seed: int):
     return seed_replays
 
 
+class GifSafeTensorBoard:
+    """The release's TensorBoard output without the videos its GIF writer cannot encode: those whose
+    frames have neither 1 nor 3 channels (MinAtar's object layers)."""
+
+    def __init__(self, output: Any):
+        self._output = output
+
+    def __call__(self, summaries: list) -> None:
+        kept = [item for item in summaries if len(item[2].shape) != 4 or item[2].shape[-1] in (1, 3)]
+        if kept:
+            self._output(kept)
+
+
 def plain_safe_dump(data: Any, stream: Any) -> None:
     """ruamel.yaml's removed `safe_dump`, for the release's Config.save: plain YAML (tuples as lists)."""
     import ruamel.yaml
@@ -183,6 +197,7 @@ TRAIN_EDITS = (
     ("  assert tf.config.experimental.list_physical_devices('GPU'), message\n", ""),
     ("  logger = common.Logger(step, outputs, multiplier=config.action_repeat)",
      "  logger = common.Logger(step, outputs, multiplier=1)"),
+    ("      common.TensorBoardOutput(logdir),\n", "      _GifSafeTensorBoard(common.TensorBoardOutput(logdir)),\n"),
     ("  step = common.Counter(train_replay.stats['total_steps'])\n",
      "  _seed_replays(train_replay, eval_replay)\n  step = common.Counter(train_replay.stats['total_steps'])\n"),
     ("  def make_env(mode):\n", "  def make_env(mode):\n    return _project_env(mode)\n"),
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     tf.random.set_seed(config.seed)
     names = {"_project_config": dict(release_config(common, package, overrides)),
              "_project_env": env_maker(config, gym), "_seed_replays": seeder(config.seed),
-             "_fill_eval_replay": fill_eval_replay}
+             "_fill_eval_replay": fill_eval_replay, "_GifSafeTensorBoard": GifSafeTensorBoard}
     train = load_train(package, names)
     sys.argv = [str(package / "train.py")]  # its flags parser reads the command line: nothing more to set
     train.main()
