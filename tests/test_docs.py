@@ -20,10 +20,10 @@ without TensorFlow, with the script's own parser:
   of the wrong type or out of range fail), plus the task name;
 - scores.py, plot.py, sweep.py: their `parse_args(argv)`; sweep.py's flags after `--` also go through the
   config loader, as the train.py commands it writes would;
-- eval.py, openloop.py, compare_release.py, bench_reference.py build their parser inside `main()`, so main
-  runs with argparse's parse methods replaced by ones that stop right after a successful parse (and
-  TensorFlow blocked, should a script get past that); compare_release.py's remaining flags go through the
-  config loader.
+- eval.py, openloop.py, compare_release.py, compare_release_run.py, bench_reference.py build their parser
+  inside `main()`, so main runs with argparse's parse methods replaced by ones that stop right after a
+  successful parse (and TensorFlow blocked, should a script get past that); the remaining flags of
+  compare_release.py and compare_release_run.py go through the config loader.
 """
 
 from __future__ import annotations
@@ -311,8 +311,8 @@ def check_main(name: str, args: list[str], argv0: bool = False) -> str | None:
         return None if status == 0 and ("-h" in args or "--help" in args) else f"{err.strip()} (exit status {status})"
     if not isinstance(value, Parsed):
         return f"main() did not stop at argument parsing: {value!r}"
-    if name == "compare_release.py":
-        return check_config_args(value.rest, "compare_release.py")
+    if name in ("compare_release.py", "compare_release_run.py"):
+        return check_config_args(value.rest, name)
     return None
 
 
@@ -326,6 +326,7 @@ CHECKERS = {
     "eval.py": lambda args: check_main("eval.py", args),
     "openloop.py": lambda args: check_main("openloop.py", args),
     "compare_release.py": lambda args: check_main("compare_release.py", args),
+    "compare_release_run.py": lambda args: check_main("compare_release_run.py", args),
     "bench_reference.py": lambda args: check_main("bench_reference.py", args, argv0=True),
 }
 
@@ -486,6 +487,8 @@ def test_readme_is_short():
     "python scripts/bench.py --configs defaults debug --steps zero",
     "python scripts/compare_release.py --release .release --configs defaults --no_such_key 1",
     "python scripts/compare_release.py --configs defaults debug",
+    "python scripts/compare_release_run.py --configs defaults vector --logdir runs/x --no_such_key 1",
+    "python scripts/compare_release_run.py --logdir runs/x --threads",
     "python scripts/bench_reference.py --path .release --no_such_flag 1",
     "docker run --gpus all -v \"$PWD/logdir:/logdir\" dreamerv2_tf --configs defaults --no_such_key 1",
     "docker run --rm --entrypoint python3 dreamerv2_tf scripts/plot.py /logdir --no_such_flag",
