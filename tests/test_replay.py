@@ -117,7 +117,7 @@ def test_stream_chunks_cut_windows_and_continue_where_the_last_chunk_ended(tmp_p
         # Inside a window the step index grows by one; a new window starts exactly where is_first is set.
         step = chunk["vector"][:, 1]
         np.testing.assert_array_equal(chunk["is_first"][1:], np.diff(step) != 1)
-    for before, after in zip(chunks, chunks[1:]):  # a chunk without is_first continues the previous one
+    for before, after in zip(chunks, chunks[1:], strict=False):  # a chunk without is_first continues the previous one
         if not after["is_first"][0]:
             assert after["vector"][0, 1] == before["vector"][-1, 1] + 1
             assert after["vector"][0, 0] == before["vector"][-1, 0]

@@ -286,7 +286,8 @@ def test_from_checkpoint_starts_a_new_logdir_with_the_saved_weights(pong_run, tm
     logdir = tmp_path / "fresh"
     # Steps equal to prefill and no pretraining: only the first update runs, at learning rates too small
     # to change a float32 weight and without weight decay, so the final checkpoint holds what was loaded.
-    tiny = [arg for name in ("model", "actor", "critic") for arg in (f"--{name}_opt.lr", "1e-30", f"--{name}_opt.wd", "0")]
+    tiny = [arg for name in ("model", "actor", "critic")
+            for arg in (f"--{name}_opt.lr", "1e-30", f"--{name}_opt.wd", "0")]
     result = run(train_cmd(logdir, "--from_checkpoint", str(source), "--steps", "100", "--pretrain", "0", *tiny))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "initialised weights from" in result.stdout and "resumed from" not in result.stdout

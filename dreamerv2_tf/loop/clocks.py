@@ -43,7 +43,7 @@ class Every:
         return False
 
 
-class Clock:
+class Clock(Every):
     """The release's schedule clock: True on its first call, then once per `interval` counted from there.
 
     With `catch_up` the next firing point moves on by `interval` each time (a clock checked after every
@@ -54,11 +54,8 @@ class Clock:
 
     def __init__(self, interval: int, catch_up: bool, last: int | None = None,
                  agree: Callable[[bool], bool] | None = None):
-        self.interval, self.catch_up, self.last, self.agree = interval, catch_up, last, agree
-
-    def __call__(self, step: int) -> bool:
-        due = self._due(step)
-        return self.agree(due) if self.agree is not None else due
+        super().__init__(interval, last, agree)
+        self.catch_up = catch_up
 
     def _due(self, step: int) -> bool:
         if self.interval <= 0:

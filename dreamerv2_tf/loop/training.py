@@ -383,7 +383,8 @@ class Training:
             steps, updates = self.step.value - self.rate_mark[0], self.updates - self.rate_mark[1]
             self.rate_mark = (self.step.value, self.updates)
             logger.add({"replay_steps": replay.num_steps, "replay_episodes": replay.num_episodes,
-                        "replay_short_episodes": replay.short_episodes, "updates": self.updates, "updates_per_step": updates / max(steps, 1)})
+                        "replay_short_episodes": replay.short_episodes, "updates": self.updates,
+                        "updates_per_step": updates / max(steps, 1)})
             logger.add({key: value.numpy() for key, value in self.agent.report(next(self.report_dataset)).items()})
         logger.add(self.stopwatch.fractions())
         logger.rates(self.updates)
