@@ -20,7 +20,8 @@ without TensorFlow, with the script's own parser:
   of the wrong type or out of range fail), plus the task name;
 - scores.py, plot.py, sweep.py: their `parse_args(argv)`; sweep.py's flags after `--` also go through the
   config loader, as the train.py commands it writes would;
-- eval.py, openloop.py, compare_release.py, compare_release_run.py, bench_reference.py build their parser
+- eval.py, openloop.py, compare_release.py, compare_release_run.py, compare_release_loop.py,
+  bench_reference.py build their parser
   inside `main()`, so main runs with argparse's parse methods replaced by ones that stop right after a
   successful parse (and TensorFlow blocked, should a script get past that); the remaining flags of
   compare_release.py and compare_release_run.py go through the config loader.
@@ -328,6 +329,7 @@ CHECKERS = {
     "compare_release.py": lambda args: check_main("compare_release.py", args),
     "compare_release_run.py": lambda args: check_main("compare_release_run.py", args),
     "bench_reference.py": lambda args: check_main("bench_reference.py", args, argv0=True),
+    "compare_release_loop.py": lambda args: check_main("compare_release_loop.py", args, argv0=True),
 }
 
 
