@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamerv2_tf.cli import ArgumentParser
+from dreamerv2_tf.cli import ArgumentParser, warnings_as_lines
 from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"
@@ -198,7 +198,8 @@ def _row(cells: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        scores, empty, skipped = collect(args)
+        with warnings_as_lines():
+            scores, empty, skipped = collect(args)
         if args.inputs and not scores:
             if skipped and not empty:
                 tasks = ", ".join(sorted({curve.task for curve in skipped}))

@@ -189,15 +189,22 @@ def test_evaluations_at_the_same_step_count_as_one(tmp_path):
     assert S.final_score(S.read_curve(logdir), last=2) == 2.0
 
 
-def test_truncated_last_line_is_ignored_but_corrupt_middle_line_is_an_error(tmp_path):
+def test_cut_lines_are_skipped_with_a_warning_naming_them(tmp_path):
     logdir = make_run(tmp_path, "atari_pong", 0, [(100, 1.0), (200, 2.0)])
     with open(logdir / "metrics.jsonl", "a") as file:
-        file.write('{"step": 300, "eval_ret')
-    assert S.final_score(S.read_curve(logdir)) == 2.0
-    text = (logdir / "metrics.jsonl").read_text().splitlines()
-    (logdir / "metrics.jsonl").write_text("\n".join([text[0], "garbage", *text[1:]]) + "\n")
-    with pytest.raises(S.ScoreError, match=r"metrics.jsonl:2"):
-        S.read_curve(logdir)
+        file.write('{"step": 300, "eval_ret')  # a run killed mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 1 of 5 lines .*\(line 5\)"):
+        assert S.final_score(S.read_curve(logdir)) == 2.0
+    # Resumed, the run writes on after the cut line, which now stands in the middle.
+    with open(logdir / "metrics.jsonl", "a") as file:
+        file.write('\n{"step": 300, "eval_return": 6.0}\n')
+    with pytest.warns(UserWarning, match=r"skipped 1 of 6 lines .*\(line 5\)"):
+        curve = S.read_curve(logdir)
+    np.testing.assert_array_equal(curve.value, [1.0, 2.0, 6.0])
+    result = run_script(str(logdir), "--allow-partial", "--no-per-game")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {logdir / 'metrics.jsonl'}: skipped 1 of 6 lines that are not "
+                                          f"complete JSON objects (line 5)"]
 
 
 def test_find_logdirs_searches_recursively_and_explains_failures(tmp_path):

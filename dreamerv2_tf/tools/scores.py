@@ -21,8 +21,9 @@ import difflib
 import functools
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,24 +200,27 @@ def read_config(logdir: str | Path) -> dict[str, Any]:
 
 
 def read_curve(logdir: str | Path, metric: str = "eval_return") -> Curve:
-    """Read one metric of a run; frames fall back to step x action_repeat when not logged."""
+    """Read one metric of a run; frames fall back to step x action_repeat when not logged.
+
+    A line that is not a JSON object is skipped with a warning naming the file and its line numbers:
+    a run killed mid-write leaves a cut line, at the end or, once resumed, in the middle.
+    """
     logdir = Path(logdir)
     config = read_config(logdir)
     repeat = config.get("action_repeat", 1) or 1
     file = logdir / METRICS_FILE
     lines = file.read_text().splitlines()
-    steps, frames, values, keys = [], [], [], set()
+    steps, frames, values, keys, bad = [], [], [], set(), []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):
-                break  # a run killed mid-write leaves a truncated last line
-            raise ScoreError(f"{file}:{number}: not a JSON object") from None
+            entry = None
         if not isinstance(entry, dict):
-            raise ScoreError(f"{file}:{number}: not a JSON object")
+            bad.append(number)
+            continue
         keys.update(entry)
         value = entry.get(metric)
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -227,6 +231,10 @@ def read_curve(logdir: str | Path, metric: str = "eval_return") -> Curve:
         steps.append(float(step))
         frames.append(float(entry.get("frames", float(step) * repeat)))
         values.append(float(value))
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warnings.warn(f"{file}: skipped {len(bad)} of {len(lines)} lines that are not complete JSON objects "
+                      f"(line {shown})", stacklevel=2)
     return Curve(
         path=logdir, task=str(config["task"]), seed=_seed(config["seed"]), metric=metric,
         step=np.array(steps), frames=np.array(frames), value=np.array(values), keys=frozenset(keys),
@@ -239,8 +247,20 @@ def final_score(curve: Curve, last: int = 1) -> float | None:
         raise ValueError(f"last must be >= 1, got {last}")
     if not len(curve.value):
         return None
-    evaluations = sorted(set(curve.step.tolist()))[-last:]
-    return float(np.mean([curve.value[curve.step == step].mean() for step in evaluations]))
+    return float(per_evaluation(curve).value[-last:].mean())
+
+
+def per_evaluation(curve: Curve) -> Curve:
+    """One value per logged step, in step order: the mean of the values logged at that step.
+
+    Evaluations write one line per episode at the same step; averaged first, an evaluation of
+    many episodes weighs as much as one of few when curves are binned or summarised.
+    """
+    steps, index = np.unique(curve.step, return_inverse=True)
+    counts = np.bincount(index, minlength=len(steps))
+    mean = np.bincount(index, weights=curve.value, minlength=len(steps)) / np.maximum(counts, 1)
+    frames = np.bincount(index, weights=curve.frames, minlength=len(steps)) / np.maximum(counts, 1)
+    return replace(curve, step=steps.astype(float), frames=frames, value=mean)
 
 
 def _seed(value: Any) -> int | str:
