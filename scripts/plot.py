@@ -4,6 +4,11 @@ Examples:
   python scripts/plot.py logdir/atari --out curves.png            # every run below logdir/atari
   python scripts/plot.py ours=logdir/atari base=old/atari --bins 50 --spread std --out cmp.pdf
   python scripts/plot.py logdir/gym_CartPole-v1 --xkey step --out cartpole.png
+  python scripts/plot.py release=runs/release ours=runs/ours --xkey step --table --out side_by_side.png
+
+Values logged at the same step (one eval line per episode) are averaged into one evaluation first.
+--table prints, per task, each seed's best and final evaluation and the difference of each method
+from the first over the last steps, with a bootstrap interval over seeds (markdown on stdout).
 
 Atari panels show the Table K1 final scores (200M frames) of Rainbow, IQN and DreamerV2 as
 horizontal lines, like the paper's Figure F1.
@@ -25,7 +30,8 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from dreamerv2_tf.cli import ArgumentParser
+from dreamerv2_tf.cli import ArgumentParser, warnings_as_lines
+from dreamerv2_tf.tools import agreement
 from dreamerv2_tf.tools import scores as S
 
 DEFAULT_NAME = "dreamerv2_tf"
@@ -65,7 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="y-axis range of every panel (default: fitted to the data)")
+    parser.add_argument("--table", action="store_true",
+                        help="also print per task a markdown table of each seed's best and final evaluation "
+                             "and each method's difference from the first with a bootstrap interval over "
+                             "seeds; the 'wrote' line then goes to stderr")
+    parser.add_argument("--last-fraction", type=float, default=0.2, metavar="FRACTION",
+                        help="with --table: the difference is of the mean over this last fraction of the "
+                             "steps of the shortest run (default: %(default)s)")
+    parser.add_argument("--resamples", type=int, default=10_000, metavar="N",
+                        help="with --table: bootstrap resamples of the seeds (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not 0 < args.last_fraction <= 1:
+        parser.error(f"--last-fraction must be in (0, 1], got {args.last_fraction:g}")
+    if args.resamples < 100:
+        parser.error(f"--resamples must be >= 100, got {args.resamples}")
     if args.bins < 0:
         parser.error(f"--bins must be >= 0, got {args.bins}")
     if args.cols < 1:
@@ -88,6 +107,7 @@ def load_curves(args: argparse.Namespace) -> dict[tuple[str, str], list[S.Curve]
                 curve = S.read_curve(logdir, args.metric)
             except UnicodeDecodeError as exc:
                 raise S.not_text_error(logdir, exc) from None
+            curve = S.per_evaluation(curve)
             keys |= curve.keys
             if len(curve.value):
                 groups.setdefault((name, curve.task), []).append(curve)
@@ -119,11 +139,16 @@ def bin_curve(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def summarize(curves: list[S.Curve], xkey: str, bins: int, spread: str):
-    """Bin centres, mean over seeds, and the band (low, high) or None."""
-    xmax = max(float(curve.x(xkey).max()) for curve in curves)
+    """Mean x of each bin's points, mean over seeds, and the band (low, high) or None.
+
+    Points sit at the mean x of what fell into the bin, so evaluations on a regular grid are drawn
+    at their own steps rather than at bin centres.
+    """
+    xs = np.concatenate([curve.x(xkey) for curve in curves])
+    xmax = float(xs.max())
     edges = np.linspace(0.0, xmax if xmax > 0 else 1.0, bins + 1)
     stack = np.stack([bin_curve(curve.x(xkey), curve.value, edges) for curve in curves])
-    centers = (edges[:-1] + edges[1:]) / 2
+    centers = bin_curve(xs, xs, edges)
     valid = ~np.all(np.isnan(stack), axis=0)
     stack, centers = stack[:, valid], centers[valid]
     mean = np.nanmean(stack, axis=0)
@@ -216,16 +241,31 @@ def plot(args: argparse.Namespace, groups: dict[tuple[str, str], list[S.Curve]])
     return out
 
 
+def tables(args: argparse.Namespace, groups: dict[tuple[str, str], list[S.Curve]]) -> str:
+    """The --table markdown of every task, in panel order."""
+    parts = []
+    for task in sorted({task for _, task in groups}, key=task_order):
+        runs = {method: curves for (method, name), curves in groups.items() if name == task}
+        summaries, differences, window = agreement.compare(task, runs, args.last_fraction, args.resamples)
+        parts.append(agreement.markdown(task, args.metric, summaries, differences, window, args.last_fraction,
+                                        args.resamples))
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        groups = load_curves(args)
-    except S.ScoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with warnings_as_lines():
+        try:
+            groups = load_curves(args)
+        except S.ScoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        text = tables(args, groups) if args.table else ""
     out = plot(args, groups)
     runs = sum(len(curves) for curves in groups.values())
-    print(f"wrote {out} ({len({task for _, task in groups})} tasks, {runs} runs)")
+    print(text, end="")
+    print(f"wrote {out} ({len({task for _, task in groups})} tasks, {runs} runs)",
+          file=sys.stderr if args.table else sys.stdout)
     return 0
 
 
