@@ -141,7 +141,12 @@ class Config(Mapping):
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        return cls(yaml.safe_load(Path(path).read_text()) or {})
+        """The config saved at `path`; an empty file gives an empty Config. A file that is not a YAML
+        mapping raises ConfigError naming the file and the problem (one line)."""
+        data = read_yaml(path)
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not a YAML {type(data).__name__}")
+        return cls(data or {})
 
 
 def _freeze(value: Any) -> Any:
@@ -313,10 +318,30 @@ def _to_int(key: str, value: Any) -> int:
     return int(number)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in the file at `path` (None when empty); ConfigError, one line naming the file,
+    when it is not text or not valid YAML."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a text file (binary data at byte {exc.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: the problem and where it is."""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def read_named_configs(path: str | Path = CONFIGS_FILE) -> dict[str, dict[str, Any]]:
     try:
-        named = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        named = read_yaml(path)
+    except OSError as exc:
         raise ConfigError(f"cannot read configs file {path}: {exc}") from None
     if not isinstance(named, dict) or "defaults" not in named:
         raise ConfigError(f"configs file {path} must map names to configs and define 'defaults'")
@@ -394,4 +419,7 @@ def load_run(logdir: str | Path) -> Config:
     path = Path(logdir).expanduser() / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no config.yaml in {logdir}; is it a training logdir?")
-    return build(["defaults"], Config.load(path).to_dict())
+    saved = Config.load(path)
+    if not saved:  # everything would silently be the defaults, which most likely built another agent
+        raise ConfigError(f"{path} is empty; it must hold the run's config (train.py writes it)")
+    return build(["defaults"], saved.to_dict())
