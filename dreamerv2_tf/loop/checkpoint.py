@@ -100,7 +100,7 @@ class Checkpointer:
 
         Damaged checkpoints newer than the one restored are named in a warning (and deleted by the next
         save). CheckpointError when `path` is damaged, when every checkpoint in the directory is, or when
-        the checkpoint lacks variables of these trackables.
+        the checkpoint lacks variables of these trackables or holds them in other shapes.
         """
         if path is not None:
             path = str(path)
@@ -120,10 +120,14 @@ class Checkpointer:
                 return None
         try:
             self._checkpoint.restore(path).assert_existing_objects_matched()
-        except AssertionError as exc:
+        except (AssertionError, ValueError) as exc:  # variables missing, or of other shapes
+            import tensorflow as tf
+
+            tf.get_logger().setLevel("ERROR")  # its warnings about the half-done restore would bury the error
             first = str(exc).strip().splitlines()[0][:300]
-            raise CheckpointError(f"checkpoint {path} does not hold every variable of this agent (written by an "
-                                  f"older version or for another architecture): {first}") from None
+            raise CheckpointError(f"cannot resume: the checkpoints in {self.directory} hold a different agent than "
+                                  f"this config builds ({first}); resume with the config the run was made with, "
+                                  "or use a new --logdir") from None
         self._latest = path
         return path
 

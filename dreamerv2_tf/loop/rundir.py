@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def locked_logdir(logdir: Path) -> Iterator[None]:
         if created is not None and _holds_only(created, lock.path):
             shutil.rmtree(created, ignore_errors=True)  # refused before writing anything: leave no trace
         lock.release()
+
+
+def saved_config(logdir: Path) -> configlib.Config | None:
+    """The config.yaml a run wrote in `logdir`, or None when it has none.
+
+    An empty file counts as none, with a warning: all it could say is "every key at its default", which is
+    almost never what the run used. Its checkpoints are still checked against the agent when it is built.
+    """
+    path = logdir / "config.yaml"
+    if not path.exists():
+        return None
+    saved = configlib.Config.load(path)  # ConfigError, one line, for a file that is not YAML
+    if not saved:
+        warnings.warn(f"{path} is empty; treating it as missing (it is written again once the run starts)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return saved
 
 
 def check_resume(saved: configlib.Config, config: configlib.Config) -> list[str]:
@@ -167,5 +185,6 @@ def _holds_only(directory: Path, lock_file: Path) -> bool:
     return all(path == lock_file or path.is_dir() for path in directory.rglob("*"))
 
 
-__all__ = ["RunError", "default_logdir", "train_episodes_dir", "locked_logdir", "check_resume", "resume_step",
-           "episode_lengths", "last_eval_step", "stopped_by_os_error", "os_error_text", "ARCHITECTURE_PREFIXES"]
+__all__ = ["RunError", "default_logdir", "train_episodes_dir", "locked_logdir", "saved_config", "check_resume",
+           "resume_step", "episode_lengths", "last_eval_step", "stopped_by_os_error", "os_error_text",
+           "ARCHITECTURE_PREFIXES"]

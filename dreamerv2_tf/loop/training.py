@@ -27,6 +27,7 @@ from dreamerv2_tf.loop.rundir import (
     locked_logdir,
     os_error_text,
     resume_step,
+    saved_config,
     stopped_by_os_error,
     train_episodes_dir,
 )
@@ -117,9 +118,9 @@ class Training:
 
     def _setup(self, env_fn: Callable[[], Any] | None, cluster: Any) -> None:
         config, logdir = self.config, self.logdir
-        saved_path = logdir / "config.yaml"
-        if saved_path.exists():
-            changed = check_resume(configlib.Config.load(saved_path), config)
+        saved = saved_config(logdir)
+        if saved is not None:
+            changed = check_resume(saved, config)
             if changed:
                 print(f"resuming with changed keys: {', '.join(changed)}")
         print(f"logdir: {logdir.resolve()}")
@@ -153,10 +154,10 @@ class Training:
         if env_fn is not None:  # a caller's env_fn: built after seeding, in case it draws from the global RNGs
             self._make_envs(env_fn)
         self._open_replays()
-        # Written only now that the config and the task are known to work, so a refused start leaves no
-        # config.yaml that the corrected command would then be checked against.
-        config.save(saved_path)
         self._build_agent()
+        # Written only now that the config, the task and any checkpoints to resume are known to fit, so a
+        # refused start leaves no config.yaml that the corrected command would then be checked against.
+        config.save(logdir / "config.yaml")
         # Only the chief's logs describe the run: other workers' metrics.jsonl would look like extra runs to
         # scripts/scores.py and scripts/plot.py, so they log to a temporary directory (and their terminal).
         log_dir = logdir if self.cluster.is_chief else Path(tempfile.mkdtemp(prefix="dreamerv2_worker_logs_"))
