@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -48,25 +49,34 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         env.close()
         raise ValueError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} variables, e.g. {bad[0]}), "
                          "so its returns would mean nothing; was it saved after the run diverged?")
-    returns, lengths, frames = [], [], []
+    finished, frames = [], []  # (return, length) of each finished episode
     key = next(iter(agent.video_keys), None)
 
     def on_episode(episode, worker):
-        returns.append(float(np.sum(episode["reward"])))
-        lengths.append(len(episode["reward"]) - 1)
-        print(f"episode {len(returns)}: return {returns[-1]:.1f}, length {lengths[-1]}", flush=True)
         if video and key and not frames:
             frames.append(episode[key])
+        finished.append((float(np.sum(episode["reward"])), len(episode["reward"]) - 1))  # one step: Ctrl-C safe
+        print(f"episode {len(finished)}: return {finished[-1][0]:.1f}, length {finished[-1][1]}", flush=True)
 
     driver = Driver([env], on_episode=[on_episode])
-    driver(lambda obs, state: agent.policy(obs, state, mode), episodes=episodes)
-    env.close()
+    interrupted = False
+    try:
+        driver(lambda obs, state: agent.policy(obs, state, mode), episodes=episodes)
+    except KeyboardInterrupt:  # Ctrl-C: the episodes finished so far still make a result
+        if not finished:
+            raise
+        interrupted = True
+    finally:
+        env.close()
+    returns, lengths = [item[0] for item in finished], [item[1] for item in finished]
     result = {
-        "logdir": str(logdir), "checkpoint": checkpoint, "task": config.task, "episodes": episodes,
+        "logdir": str(logdir), "checkpoint": checkpoint, "task": config.task, "episodes": len(returns),
         "mean": float(np.mean(returns)), "std": float(np.std(returns)),
         "min": float(np.min(returns)), "max": float(np.max(returns)),
         "returns": returns, "lengths": lengths,
     }
+    if interrupted:
+        result.update(interrupted=True, requested=episodes)
     if video:
         if not frames:
             raise ValueError(f"--video needs an image observation; {config.task} has none in log_keys_video")
@@ -128,11 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
         cli.fail(str(exc))
+    except KeyboardInterrupt:
+        cli.fail("interrupted (SIGINT); no results written", 128 + signal.SIGINT)
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as exc:  # e.g. the disk filled up meanwhile: keep the results on stdout
         print(json.dumps(result))
         cli.fail(f"cannot write {out} ({exc.strerror}); the results are printed above", 1)
     print(f"return mean {result['mean']:.2f} std {result['std']:.2f} min {result['min']:.2f} "
-          f"max {result['max']:.2f} over {args.episodes} episodes; results in {out}")
+          f"max {result['max']:.2f} over {result['episodes']} episodes; results in {out}")
+    if result.get("interrupted"):
+        cli.fail(f"interrupted (SIGINT) after {result['episodes']} of {result['requested']} episodes; their "
+                 f"results are above and in {out}", 128 + signal.SIGINT)
     sys.exit(0)
