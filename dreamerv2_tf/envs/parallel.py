@@ -9,7 +9,13 @@ all workers at once and then collect the results.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +27,34 @@ from dreamerv2_tf.envs import base
 
 # The env owned by this worker process (each process hosts exactly one).
 _WORKER_ENV: Any = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class WorkerDied(RuntimeError):
+    """The process hosting an env ended (killed, out of memory, a crash in native code); one line."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when the trainer dies, even by SIGKILL.
+
+    Nothing else would end it: the worker holds both ends of its own task queue, so it never sees the
+    queue close, and it keeps multiprocessing's resource tracker alive with it. On Linux the kernel
+    sends SIGKILL when the parent's spawning thread (the trainer's main thread) ends; elsewhere a
+    thread watches the parent pid.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _process_make(ctor: Callable[[], Any]) -> tuple[dict, dict]:
@@ -50,7 +84,10 @@ class _Proxy:
         try:
             return future.result()
         except BrokenProcessPool:
-            raise RuntimeError("an environment worker process died; see its error output above") from None
+            raise WorkerDied(self._death()) from None
+
+    def _death(self) -> str:
+        return "its worker died"
 
     def reset_async(self) -> futures.Future:
         return self._submit("reset")
@@ -110,13 +147,37 @@ class ProcessEnv(_Proxy):
 
     def __init__(self, ctor: Callable[[], Any]):
         context = multiprocessing.get_context("spawn")
-        super().__init__(futures.ProcessPoolExecutor(max_workers=1, mp_context=context))
+        super().__init__(futures.ProcessPoolExecutor(max_workers=1, mp_context=context,
+                                                     initializer=_die_with_parent, initargs=(os.getpid(),)))
+        self._process: Any = None
         try:
-            self.obs_space, self.act_space = self._result(self._executor.submit(_process_make, ctor))
+            future = self._executor.submit(_process_make, ctor)
+            # The pool starts its one process on the first submit; kept to name it if it dies.
+            self._process = next(iter(getattr(self._executor, "_processes", {}).values()), None)
+            self.obs_space, self.act_space = self._result(future)
         except BaseException:
             self._closed = True
             self._executor.shutdown(wait=True, cancel_futures=True)
             raise
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id."""
+        return self._process.pid if self._process is not None else None
+
+    def _death(self) -> str:
+        if self._process is None:
+            return "its worker process died; see its error output above"
+        self._process.join(5)  # its exit status, once the pool has reaped it
+        code = self._process.exitcode
+        if code is not None and code < 0 and -code in signal.valid_signals():
+            how = f"killed by {signal.Signals(-code).name}"
+        else:  # a Python error in the worker prints its traceback there
+            how = ("" if code is None else f"exit status {code}; ") + "see its error output above"
+        return f"its worker process {self._process.pid} died ({how})"
+
     def _submit(self, method: str, *args: Any) -> futures.Future:
-        return self._executor.submit(_process_call, method, *args)
+        try:
+            return self._executor.submit(_process_call, method, *args)
+        except BrokenProcessPool:  # it died during an earlier call
+            raise WorkerDied(self._death()) from None

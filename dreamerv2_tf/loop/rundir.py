@@ -140,15 +140,24 @@ def stopped_by_os_error(exc: OSError, save: Callable[[], None], logdir: Path) ->
     if exc.errno is None:  # not from the OS: a message of ours, reported as it is
         return exc
     cause = f"{exc.strerror or exc} ({exc.filename or f'writing in {logdir}'})"
+    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "stopped"
+    return RunError(f"{what}: {cause}; {save_before_stopping(save)}", 1)
+
+
+def stopped_by_env(exc: Exception, save: Callable[[], None], step: int) -> RunError:
+    """An env failed (envs.guarded.EnvFailed) at agent step `step`: the agent is intact, so save it, then
+    report both in one line."""
+    return RunError(f"at agent step {step:,}, {exc}; {save_before_stopping(save)}", 1)
+
+
+def save_before_stopping(save: Callable[[], None]) -> str:
+    """Try `save`; what came of it, for the line that reports why the run stopped."""
     try:
         save()
-    except Exception as again:  # noqa: BLE001 - the first error is the one to report
+    except Exception as again:  # noqa: BLE001 - the error that stopped the run is the one to report
         text = os_error_text(again) if isinstance(again, OSError) else str(again).splitlines()[0]
-        outcome = f"saving a checkpoint failed too ({text}); the checkpoints saved before are intact"
-    else:
-        outcome = "saved a checkpoint before stopping"
-    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "stopped"
-    return RunError(f"{what}: {cause}; {outcome}", 1)
+        return f"saving a checkpoint failed too ({text}); the checkpoints saved before are intact"
+    return "saved a checkpoint before stopping"
 
 
 def os_error_text(exc: OSError) -> str:
@@ -186,5 +195,5 @@ def _holds_only(directory: Path, lock_file: Path) -> bool:
 
 
 __all__ = ["RunError", "default_logdir", "train_episodes_dir", "locked_logdir", "saved_config", "check_resume",
-           "resume_step", "episode_lengths", "last_eval_step", "stopped_by_os_error", "os_error_text",
-           "ARCHITECTURE_PREFIXES"]
+           "resume_step", "episode_lengths", "last_eval_step", "stopped_by_os_error", "stopped_by_env",
+           "save_before_stopping", "os_error_text", "ARCHITECTURE_PREFIXES"]

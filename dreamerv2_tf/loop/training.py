@@ -16,6 +16,7 @@ import numpy as np
 from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
 from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
+from dreamerv2_tf.envs.guarded import EnvFailed, guard
 from dreamerv2_tf.loop.clocks import Clock, Counter, Every, Stopwatch
 from dreamerv2_tf.loop.divergence import Diverged, DivergenceCheck
 from dreamerv2_tf.loop.logger import Logger
@@ -28,6 +29,7 @@ from dreamerv2_tf.loop.rundir import (
     os_error_text,
     resume_step,
     saved_config,
+    stopped_by_env,
     stopped_by_os_error,
     train_episodes_dir,
 )
@@ -48,22 +50,31 @@ def train(env_fn: Callable[[], Any] | None = None, config: configlib.Config | Ma
     for evaluation); without it, `config.task` names the environment. `config`
     is a Config or a mapping of overrides over `defaults`; keyword arguments
     override single keys, e.g. `train(make_env, steps=50000, logdir="runs/x")`.
+    An exception from an env stops the run: the agent is saved, then the env's
+    exception is raised again, with a note on how the run stopped.
     """
     if config is None or not isinstance(config, configlib.Config):
         config = configlib.build(["defaults"], dict(config or {}))
     config = config.update(overrides)
-    if env_fn is None:
-        return run(config)
-    first = env_fn()
-    spec = getattr(first, "spec", None)
-    name = f"gym_{spec.id}" if getattr(spec, "id", None) else "env"
-    # Record that `config.task` did not build the env, so scripts/eval.py refuses the run
-    # instead of evaluating whatever task the config happens to name.
-    config = config.update({"task": f"{CUSTOM_PREFIX}{name}"})
-    if not config.logdir:
-        config = config.update({"logdir": str(default_logdir(config))})
-    pending = [first]  # built to name the task; the run uses it as its first env
-    return run(config, lambda: pending.pop() if pending else env_fn())
+    if env_fn is not None:
+        first = env_fn()
+        spec = getattr(first, "spec", None)
+        name = f"gym_{spec.id}" if getattr(spec, "id", None) else "env"
+        # Record that `config.task` did not build the env, so scripts/eval.py refuses the run
+        # instead of evaluating whatever task the config happens to name.
+        config = config.update({"task": f"{CUSTOM_PREFIX}{name}"})
+        if not config.logdir:
+            config = config.update({"logdir": str(default_logdir(config))})
+        pending, make = [first], env_fn  # the env built to name the task is the run's first env
+        env_fn = lambda: pending.pop() if pending else make()  # noqa: E731
+    try:
+        return run(config, env_fn)
+    except RunError as exc:
+        error = exc.__cause__.__cause__ if isinstance(exc.__cause__, EnvFailed) else None
+        if error is None:  # not an env's exception (a dead worker process has none)
+            raise
+        error.add_note(f"dreamerv2_tf: {exc}")
+        raise error from error.__cause__  # the caller can catch what their env raises
 
 
 def run(config: configlib.Config, env_fn: Callable[[], Any] | None = None) -> Path:
@@ -87,6 +98,10 @@ def run(config: configlib.Config, env_fn: Callable[[], Any] | None = None) -> Pa
         try:
             training = Training(config, logdir, env_fn, cluster)
             return training.run()
+        except EnvFailed as exc:
+            if training is None:
+                raise
+            raise stopped_by_env(exc, training.save, training.step.value) from exc  # saves first
         except OSError as exc:
             if training is None:
                 raise
@@ -167,10 +182,10 @@ class Training:
     def _make_envs(self, env_fn: Callable[[], Any] | None) -> None:
         """The train envs and, as in the release, min(envs, eval_eps) eval envs that play at once."""
         config = self.config
-        self.train_envs = run_envs(config, "train", config.seed, config.envs, env_fn)
+        self.train_envs = guard(run_envs(config, "train", config.seed, config.envs, env_fn), "train")
         self.envs += self.train_envs
-        self.eval_envs = run_envs(config, "eval", config.seed + EVAL_SEED_OFFSET, min(config.envs, config.eval_eps),
-                                  env_fn) if config.eval_eps else []
+        self.eval_envs = guard(run_envs(config, "eval", config.seed + EVAL_SEED_OFFSET,
+                                        min(config.envs, config.eval_eps), env_fn), "eval") if config.eval_eps else []
         self.envs += self.eval_envs
         self.spaces = (self.train_envs[0].obs_space, self.train_envs[0].act_space)
 
