@@ -97,6 +97,15 @@ def gone(processes: list[psutil.Process], timeout: float) -> bool:
     return False
 
 
+def stopped(result, cause: str) -> re.Match:
+    """The one line of a run that saved and stopped with status 1 because of `cause` (a regex)."""
+    assert result.returncode == 1, result.stderr
+    line = error_line(result)
+    match = re.fullmatch(f"error: {cause}; saved a checkpoint before stopping", line)
+    assert match, line
+    return match
+
+
 def wait_until(condition, run: Run, what: str, timeout: float = TIMEOUT) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -153,12 +162,9 @@ def runs(tmp_path_factory):
 
 
 def test_a_dead_env_worker_saves_then_stops_with_one_line_naming_it(runs):
-    result, logdir = runs["W"], runs["logdirs"]["W"]
-    assert result.returncode == 1, result.stderr
-    line = error_line(result)
-    match = re.fullmatch(r"error: at agent step ([\d,]+), train env [01] failed: its worker process (\d+) died "
-                         r"\(killed by SIGKILL\); saved a checkpoint before stopping", line)
-    assert match, line
+    logdir = runs["logdirs"]["W"]
+    match = stopped(runs["W"], r"at agent step ([\d,]+), train env [01] failed: its worker process (\d+) died "
+                               r"\(killed by SIGKILL\)")
     step = int(match.group(1).replace(",", ""))
     assert int(match.group(2)) == runs["W_victim"]
     # The save came from the failure (periodic saves were off), at the step reached; the agent reads back.
@@ -178,12 +184,8 @@ def test_env_workers_and_resource_tracker_exit_when_the_trainer_is_killed(runs):
 
 
 def test_an_env_raising_mid_episode_saves_and_gives_one_line_from_the_script(runs):
-    result, logdir = runs["E"], runs["logdirs"]["E"]
-    assert result.returncode == 1, result.stderr
-    line = error_line(result)
-    match = re.fullmatch(r"error: at agent step ([\d,]+), train env 0 raised RuntimeError: the simulator lost its "
-                         r"state; saved a checkpoint before stopping", line)
-    assert match, line
+    logdir = runs["logdirs"]["E"]
+    match = stopped(runs["E"], r"at agent step ([\d,]+), train env 0 raised RuntimeError: the simulator lost its state")
     step = int(match.group(1).replace(",", ""))
     assert FAIL_AT - 20 <= step < FAIL_AT  # resets are no agent steps; the failing step is not counted
     assert checkpoints(logdir)[-1] == step and lock_record(logdir) == {}

@@ -81,13 +81,7 @@ class _Proxy:
         raise NotImplementedError
 
     def _result(self, future: futures.Future) -> Any:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            raise WorkerDied(self._death()) from None
-
-    def _death(self) -> str:
-        return "its worker died"
+        return future.result()
 
     def reset_async(self) -> futures.Future:
         return self._submit("reset")
@@ -160,12 +154,14 @@ class ProcessEnv(_Proxy):
             self._executor.shutdown(wait=True, cancel_futures=True)
             raise
 
-    @property
-    def pid(self) -> int | None:
-        """The worker process's id."""
-        return self._process.pid if self._process is not None else None
+    def _result(self, future: futures.Future) -> Any:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise WorkerDied(self._death()) from None
 
     def _death(self) -> str:
+        """How the worker process ended, for WorkerDied."""
         if self._process is None:
             return "its worker process died; see its error output above"
         self._process.join(5)  # its exit status, once the pool has reaped it

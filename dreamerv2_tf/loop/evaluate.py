@@ -22,7 +22,8 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
              mode: str = "eval", env_fn: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns.
 
-    Runs trained with `dreamerv2_tf.train(env_fn)` need the same `env_fn` here.
+    Runs trained with `dreamerv2_tf.train(env_fn)` need the same `env_fn` here. Ctrl-C after an episode
+    finished ends early: the result covers the finished episodes and has `interrupted` and `requested`.
     """
     logdir = Path(logdir).expanduser()
     config = configlib.load_run(logdir)
