@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from dreamerv2_tf.algo.behavior import ActorCritic
 from dreamerv2_tf.algo.explore import EXPLORERS
+from dreamerv2_tf.algo.replicas import first_replica, replicated, split_batch
 from dreamerv2_tf.algo.world_model import WorldModel
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.loop import distribute
 
 PRECISIONS = CHOICES["precision"]
 POLICY_MODES = ("train", "eval", "explore", "random")
@@ -72,7 +72,7 @@ class Agent(tf.Module):
     """DreamerV2. Build it after `set_precision`; `train` and `policy` are tf.function graphs.
 
     Built inside `strategy.scope()`, its variables are mirrored and `train` runs data-parallel on
-    the strategy's replicas (see distribute.py).
+    the strategy's replicas (see replicas.py).
     """
 
     def __init__(self, obs_space: Mapping, act_space: Mapping, config, precision: str | None = None):
@@ -106,7 +106,7 @@ class Agent(tf.Module):
             self.explorer = EXPLORERS[self.expl_behavior](self.wm, self.act_dim, self.discrete, config, mixed16,
                                                           env_step=self.env_step)
             self.explorer.build()
-        self._train = distribute.replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
+        self._train = replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
         self._report = tf.function(self._report_step)
         self._policies = PolicyGraphs(self._policy_step)
         self._seeds = np.random.default_rng(config.seed)  # keys of initial states made without a seed
@@ -199,12 +199,12 @@ class Agent(tf.Module):
         sets the clock of the schedules.
 
         Under a strategy, `data` is the global batch (split evenly across replicas) or already
-        distributed (from `distribute.distribute_dataset`); metrics are means over replicas and the
+        distributed (from `loop.distribute.distribute_dataset`); metrics are means over replicas and the
         state stays per replica.
         """
         if env_step is not None:
             self.env_step.assign(int(env_step))
-        data = distribute.split_batch(self.strategy, dict(data))
+        data = split_batch(self.strategy, dict(data))
         if state is None:  # zeros shaped like a carried state, so that the step is traced once
             state = self.strategy.run(lambda part: self.wm.rssm.initial(tf.shape(part["action"])[0]), args=(data,))
         return self._train(data, state)
@@ -224,7 +224,7 @@ class Agent(tf.Module):
         """Open-loop video predictions (truth | model | error) for each video key."""
         if not self.video_keys:
             return {}
-        return self._report(dict(distribute.first_replica(self.strategy, dict(data))))
+        return self._report(dict(first_replica(self.strategy, dict(data))))
 
     def _report_step(self, data):
         return {f"openl_{key}": self.wm.video_pred(data, key) for key in self.video_keys}

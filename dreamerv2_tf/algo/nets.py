@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from dreamerv2_tf.algo import convs, dists
+from dreamerv2_tf.algo.obs_keys import select_keys
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.tools.flops import select_keys  # TF-free, so the FLOP counter shares it
 
 ACTIVATIONS = CHOICES[r".*\.act"]
 NORMS = CHOICES[r".*\.norm"]
