@@ -21,10 +21,9 @@ without TensorFlow, with the script's own parser:
 - scores.py, plot.py, sweep.py: their `parse_args(argv)`; sweep.py's flags after `--` also go through the
   config loader, as the train.py commands it writes would;
 - eval.py, export.py, openloop.py, compare_release.py, compare_release_run.py, compare_release_loop.py,
-  bench_reference.py build their parser
-  inside `main()`, so main runs with argparse's parse methods replaced by ones that stop right after a
-  successful parse (and TensorFlow blocked, should a script get past that); the remaining flags of
-  compare_release.py and compare_release_run.py go through the config loader.
+  bench_reference.py build their parser inside `main()`, so main runs with argparse's parse methods replaced
+  by ones that stop right after a successful parse (and TensorFlow blocked, should a script get past that);
+  the remaining flags of compare_release.py and compare_release_run.py go through the config loader.
 """
 
 from __future__ import annotations
