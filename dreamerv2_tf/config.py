@@ -370,6 +370,17 @@ def build(names: Sequence[str] = ("defaults",), overrides: Mapping[str, Any] | N
 
 # Keys whose values are regular expressions (over observation or episode keys).
 REGEX_KEYS = r"(encoder|decoder)\.(cnn|mlp)_keys|log_keys_(sum|mean|max)"
+GPU_MEMORY_WORDS = ("all", "growth")
+
+
+def gpu_memory_setting(value: Any) -> str | int:
+    """`gpu_memory`: 'all', 'growth' or a limit in MiB (a positive integer); ConfigError otherwise."""
+    text = str(value).strip().lower()
+    if text in GPU_MEMORY_WORDS:
+        return text
+    if re.fullmatch(r"\d+", text) and int(text) > 0:
+        return int(text)
+    raise ConfigError(f"gpu_memory must be all, growth or a positive number of MiB, got {value!r}")
 
 
 def validate(config: Config) -> None:
@@ -377,6 +388,7 @@ def validate(config: Config) -> None:
     (ConfigError, one line)."""
     check_choices(config)
     check_values(config)
+    gpu_memory_setting(config.get("gpu_memory", "all"))
     for key, value in config.flat().items():
         if re.fullmatch(REGEX_KEYS, key):
             try:

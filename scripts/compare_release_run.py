@@ -71,8 +71,10 @@ ENV_PREFIXES = ("atari.", "dmc.", "minatar.", "train_time_limit")
 RELEASE_ONLY = {"deterministic": False, "from_checkpoint": "", "strategy": "default", "envs_parallel": "none",
                 "replay.sample": "episode", "replay.directory": "", "dataset.chunks": "stream"}
 # Our keys with no effect on the release's loop: it saves variables.pkl after every eval_every block, its
-# `jit` (graph mode) is always on, the precision is float32, and model_loss exploration is refused above.
-IGNORED = ("logdir", "checkpoint_every", "checkpoint_keep", "jit", "precision", "log_keys_video", "expl_model_loss")
+# `jit` (graph mode) is always on, the precision is float32, model_loss exploration is refused above, and
+# its train.py sets memory growth on every GPU itself.
+IGNORED = ("logdir", "checkpoint_every", "checkpoint_keep", "jit", "precision", "log_keys_video", "expl_model_loss",
+           "gpu_memory")
 
 
 def release_train_config(config: configlib.Config) -> dict[str, Any]:

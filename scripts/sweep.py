@@ -8,6 +8,9 @@ Examples:
 
 Every run writes to ROOT/atari_<game>/seed<S>; running a command again resumes that run
 from its logdir, so re-submitting the same array (or re-launching) continues a sweep.
+
+With --launch, runs that share a GPU (more workers than --devices) start with --gpu_memory growth,
+since TensorFlow would otherwise reserve the whole GPU for the first of them.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     local.add_argument("--workers", type=int, default=1, help="runs at the same time (default: %(default)s)")
     local.add_argument("--devices", default="",
                        help="comma-separated GPU ids handed out to worker slots via CUDA_VISIBLE_DEVICES, "
-                            "e.g. 0,1 (default: leave it unset)")
+                            "e.g. 0,1 (default: leave it unset); with more workers than devices the runs "
+                            "share GPUs and start with --gpu_memory growth")
     slurm = parser.add_argument_group("SLURM job array (--format slurm)")
     slurm.add_argument("--job-name", default="dreamerv2", help="job name (default: %(default)s)")
     slurm.add_argument("--partition", default="", help="partition (default: the cluster's default)")
@@ -182,11 +186,28 @@ def slurm_script(args: argparse.Namespace, cmds: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shares_gpus(workers: int, devices: list[str]) -> bool:
+    """Whether runs of the pool share a GPU: more workers than devices, or several workers without
+    --devices, when every run sees every GPU."""
+    return workers > max(len(devices), 1)
+
+
+def with_gpu_growth(cmd: list[str]) -> list[str]:
+    """`cmd` with --gpu_memory growth, unless its flags set gpu_memory already."""
+    if any(token.split("=", 1)[0] == "--gpu_memory" for token in cmd):
+        return cmd
+    return [*cmd, "--gpu_memory", "growth"]
+
+
 def launch(args: argparse.Namespace, cmds: list[list[str]]) -> int:
     """Run the commands in a local pool; each run's output goes to ROOT/sweep_logs/<task>_seed<S>.log."""
     logs = Path(args.root) / "sweep_logs"
     logs.mkdir(parents=True, exist_ok=True)
     devices = [device.strip() for device in args.devices.split(",") if device.strip()]
+    if shares_gpus(args.workers, devices):
+        where = f"{len(devices)} GPU{'s' if len(devices) != 1 else ''}" if devices else "the visible GPUs"
+        print(f"{args.workers} workers share {where}: every run starts with --gpu_memory growth", flush=True)
+        cmds = [with_gpu_growth(cmd) for cmd in cmds]
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(args.workers):
         slots.put(slot)

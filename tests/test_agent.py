@@ -14,7 +14,7 @@ from helpers import (
     tiny_config,
 )
 
-from dreamerv2_tf.algo.agent import POLICY_MODES, resolve_jit, resolve_precision
+from dreamerv2_tf.algo.agent import POLICY_MODES, policy_key, resolve_jit, resolve_precision
 from dreamerv2_tf.algo.world_model import WorldModel
 
 IMAGE = (64, 64, 1)
@@ -28,8 +28,13 @@ def discrete_agent():
 
 
 def latent_of(state):
-    latent, _ = state
+    latent, _, _ = state
     return {k: v.numpy() for k, v in latent.items()}
+
+
+def with_key(state, seed: int):
+    """The same latent and action under another key."""
+    return (*state[:2], policy_key(seed))
 
 
 def test_policy_carries_state_and_resets_on_is_first(discrete_agent):
@@ -57,10 +62,12 @@ def test_eval_policy_samples_latents_as_the_release_does(discrete_agent):
     agent, data = discrete_agent
     obs = {k: np.repeat(v, 20, 0) for k, v in first_step(data, 0).items()}
     _, state = agent.policy(obs, None, "eval")
-    (_, first), (_, second) = agent.policy(obs, state, "eval"), agent.policy(obs, state, "eval")
+    (_, first), (_, second) = agent.policy(obs, state, "eval"), agent.policy(obs, with_key(state, 1), "eval")
     np.testing.assert_allclose(latent_of(first)["logit"], latent_of(second)["logit"], rtol=1e-6)
-    # 20 x 4 categorical draws from near-uniform posteriors: some differ between the two calls.
+    # 20 x 4 categorical draws from near-uniform posteriors: some differ between the two keys.
     assert not np.array_equal(latent_of(first)["stoch"], latent_of(second)["stoch"])
+    # The draws are a function of the key: the same state gives the same sample.
+    np.testing.assert_array_equal(latent_of(first)["stoch"], latent_of(agent.policy(obs, state, "eval")[1])["stoch"])
 
 
 def test_eval_policy_with_eval_state_mean_is_deterministic_and_train_policy_samples(discrete_agent):
@@ -73,7 +80,7 @@ def test_eval_policy_with_eval_state_mean_is_deterministic_and_train_policy_samp
     np.testing.assert_array_equal(first["action"], second["action"])
     for key in latent_of(state1):
         np.testing.assert_array_equal(latent_of(state1)[key], latent_of(state2)[key])
-    samples = [agent.policy(obs, state, "train")[0]["action"] for _ in range(2)]
+    samples = [agent.policy(obs, with_key(state, seed), "train")[0]["action"] for seed in range(2)]
     assert not np.array_equal(samples[0], samples[1])  # 60 draws from a near-uniform initial policy
 
 
@@ -252,3 +259,24 @@ def test_train_behavior_off_updates_the_world_model_only():
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(model, agent.wm.variables_to_train, strict=True))
     for before, after in zip(behavior, agent.ac.variables, strict=True):
         np.testing.assert_array_equal(before, after.numpy(), err_msg=after.name)
+
+
+@pytest.mark.parametrize("act", [discrete_actions(3), continuous_actions(2)], ids=["discrete", "continuous"])
+def test_policy_draws_only_from_the_key_it_carries(act):
+    # An ensemble prior and action noise, so that every random draw of the step is in the graph.
+    agent = make_agent(obs_space(IMAGE), act, {**SMALL, "rssm.ensemble": 2, "expl_noise": 0.3, "eval_noise": 0.3})
+    data = random_batch(obs_space(IMAGE), act, batch=4, length=1)
+    for mode in POLICY_MODES:
+        state = agent.initial_state(4, seed=3)
+        first, second = agent.policy(first_step(data, 0), state, mode), agent.policy(first_step(data, 0), state, mode)
+        np.testing.assert_array_equal(first[0]["action"], second[0]["action"], err_msg=mode)
+        np.testing.assert_array_equal(first[1][2].numpy(), second[1][2].numpy())  # the next key too
+        assert not np.array_equal(first[1][2].numpy(), state[2].numpy())
+    # No stateful random op anywhere in the policy graphs (they would draw from TensorFlow's global seed).
+    ops = set()
+    for graph in agent._policies.graphs.values():
+        definition = graph.graph.as_graph_def()
+        ops |= {node.op for node in definition.node}
+        ops |= {node.op for function in definition.library.function for node in function.node_def}
+    random_ops = {op for op in ops if "Random" in op or op in ("Multinomial", "TruncatedNormal")}
+    assert random_ops and all(op.startswith("Stateless") for op in random_ops), sorted(random_ops)

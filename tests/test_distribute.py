@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dreamerv2_tf.algo import replicas
 from dreamerv2_tf.loop import distribute
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +43,7 @@ def test_unknown_strategy_names_the_choices():
 
 def test_default_strategy_is_a_plain_single_worker():
     cluster = distribute.Cluster("default")
-    assert not distribute.is_distributed(cluster.strategy)
+    assert not replicas.is_distributed(cluster.strategy)
     assert (cluster.num_replicas, cluster.num_workers, cluster.is_chief) == (1, 1, True)
     assert cluster.worker_logdir("runs/x") == Path("runs/x")
     assert cluster.worker_seed(7) == 7
@@ -94,14 +95,14 @@ def test_malformed_tf_config_gives_a_clear_error(text, message):
 
 def test_global_batch_must_split_evenly_across_replicas():
     three = SimpleNamespace(num_replicas_in_sync=3)
-    assert distribute.per_replica_batch(three, 12) == 4
+    assert replicas.per_replica_batch(three, 12) == 4
     with pytest.raises(ValueError, match=r"dataset.batch \(16\) must be divisible by the number of replicas \(3\)"):
-        distribute.per_replica_batch(three, 16)
+        replicas.per_replica_batch(three, 16)
 
 
 def test_gradient_reduction_is_a_no_op_on_one_device():
     grads = [tf.constant([1.0, 2.0]), None]
-    reduced = distribute.mean_over_replicas(grads)
+    reduced = replicas.mean_over_replicas(grads)
     assert reduced[1] is None and reduced[0] is grads[0]
 
 
@@ -312,7 +313,7 @@ def _equivalence(strategy) -> dict:
     except ValueError as exc:
         odd_batch = str(exc)
     # The video report of distributed data uses the first replica's share of the batch.
-    video = mirror.report(distribute.split_batch(strategy, data))["openl_image"].numpy()
+    video = mirror.report(replicas.split_batch(strategy, data))["openl_image"].numpy()
     after, mirrored_after = _values(single), _values(mirror)
     weights = [[float(np.max(np.abs(m.astype(np.float64) - a))), float(np.max(np.abs(a.astype(np.float64) - b)))]
                for a, m, b in zip(after, mirrored_after, before, strict=True)]

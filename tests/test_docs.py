@@ -20,11 +20,10 @@ without TensorFlow, with the script's own parser:
   of the wrong type or out of range fail), plus the task name;
 - scores.py, plot.py, sweep.py: their `parse_args(argv)`; sweep.py's flags after `--` also go through the
   config loader, as the train.py commands it writes would;
-- eval.py, openloop.py, compare_release.py, compare_release_run.py, compare_release_loop.py,
-  bench_reference.py build their parser
-  inside `main()`, so main runs with argparse's parse methods replaced by ones that stop right after a
-  successful parse (and TensorFlow blocked, should a script get past that); the remaining flags of
-  compare_release.py and compare_release_run.py go through the config loader.
+- eval.py, export.py, openloop.py, compare_release.py, compare_release_run.py, compare_release_loop.py,
+  bench_reference.py build their parser inside `main()`, so main runs with argparse's parse methods replaced
+  by ones that stop right after a successful parse (and TensorFlow blocked, should a script get past that);
+  the remaining flags of compare_release.py and compare_release_run.py go through the config loader.
 """
 
 from __future__ import annotations
@@ -325,6 +324,7 @@ CHECKERS = {
     "coverage.py": lambda args: check_parse_args("coverage.py", args),
     "sweep.py": lambda args: check_parse_args("sweep.py", args),
     "eval.py": lambda args: check_main("eval.py", args),
+    "export.py": lambda args: check_main("export.py", args),
     "openloop.py": lambda args: check_main("openloop.py", args),
     "compare_release.py": lambda args: check_main("compare_release.py", args),
     "compare_release_run.py": lambda args: check_main("compare_release_run.py", args),

@@ -343,7 +343,7 @@ def test_dmc_without_image_has_the_same_vectors_and_no_image():
 @pytest.mark.skipif(importlib.util.find_spec("dm_control") is None, reason="dm_control is not installed")
 def test_dmc_scalars_are_vectors_the_model_reads_or_scalars_it_skips():
     from dreamerv2_tf.algo.agent import model_obs_shapes
-    from dreamerv2_tf.tools.flops import select_keys
+    from dreamerv2_tf.algo.obs_keys import select_keys
 
     for scalars, shape in (("vector", (1,)), ("scalar", ())):
         env = make_env("dmc_walker_walk", seed=0, action_repeat=2, dmc={"image": False, "scalars": scalars})

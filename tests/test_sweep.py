@@ -115,6 +115,35 @@ def test_launch_runs_every_command_with_a_stand_in_trainer(tmp_path):
     assert (tmp_path / "r" / "sweep_logs").is_dir()
 
 
+def launch_recorded(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """--launch with a fake interpreter that records its CUDA_VISIBLE_DEVICES and arguments."""
+    tmp_path.mkdir(exist_ok=True)
+    fake = tmp_path / "fakepython"
+    fake.write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $*" >> "$SWEEP_RECORD"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "record.txt"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--launch", "--games", "pong", "breakout", "alien",
+                             "boxing", "--seeds", "0", "1", "--root", str(tmp_path / "r"), "--python", str(fake),
+                             *args], capture_output=True, text=True, env={**os.environ, "SWEEP_RECORD": str(record)})
+    assert result.returncode == 0, result.stderr
+    return result, [line.split() for line in record.read_text().splitlines()]
+
+
+def test_runs_sharing_a_gpu_start_with_memory_growth(tmp_path):
+    result, runs = launch_recorded(tmp_path, "--workers", "8", "--devices", "0,1,2,3")
+    assert "8 workers share 4 GPUs: every run starts with --gpu_memory growth" in result.stdout
+    assert len(runs) == 8 and all(run[-2:] == ["--gpu_memory", "growth"] for run in runs)
+    assert sorted(run[0] for run in runs) == ["0", "0", "1", "1", "2", "2", "3", "3"]  # two runs per GPU
+
+
+def test_runs_with_a_gpu_each_keep_the_default_and_a_given_setting_wins(tmp_path):
+    result, runs = launch_recorded(tmp_path, "--workers", "4", "--devices", "0,1,2,3")
+    assert "share" not in result.stdout and not any("--gpu_memory" in run for run in runs)
+    result, runs = launch_recorded(tmp_path / "given", "--workers", "2", "--", "--gpu_memory", "3000")
+    assert "2 workers share the visible GPUs" in result.stdout  # no --devices: every run sees every GPU
+    assert all(run.count("--gpu_memory") == 1 and run[-1] == "3000" for run in runs)
+
+
 def test_launch_reports_failures_with_exit_status_1(tmp_path):
     fake = tmp_path / "failing"
     fake.write_text("#!/bin/sh\nexit 3\n")

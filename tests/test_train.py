@@ -152,6 +152,9 @@ def test_metrics_show_where_the_wall_clock_goes(pong_run):
     # Every interval of 100 agent steps has an evaluation and a checkpoint, which show up from the second on.
     assert any("time_eval" in record and "time_save" in record for record in records)
     assert "precision: 32" in result.stdout and "jit: off (the train step)" in result.stdout
+    assert "gpu_memory: all (no GPU visible)" in result.stdout
+    assert ("replay: 459 MB at capacity (4,175 bytes per step x 100,000 training and 10,000 eval steps); the "
+            "machine has") in result.stdout
 
 
 def test_scores_and_plot_scripts_read_the_real_run(pong_run, tmp_path):

@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from dreamerv2_tf.algo.behavior import ActorCritic
 from dreamerv2_tf.algo.explore import EXPLORERS
+from dreamerv2_tf.algo.replicas import first_replica, replicated, split_batch
 from dreamerv2_tf.algo.world_model import WorldModel
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.loop import distribute
 
 PRECISIONS = CHOICES["precision"]
 POLICY_MODES = ("train", "eval", "explore", "random")
@@ -72,7 +72,7 @@ class Agent(tf.Module):
     """DreamerV2. Build it after `set_precision`; `train` and `policy` are tf.function graphs.
 
     Built inside `strategy.scope()`, its variables are mirrored and `train` runs data-parallel on
-    the strategy's replicas (see distribute.py).
+    the strategy's replicas (see replicas.py).
     """
 
     def __init__(self, obs_space: Mapping, act_space: Mapping, config, precision: str | None = None):
@@ -106,9 +106,10 @@ class Agent(tf.Module):
             self.explorer = EXPLORERS[self.expl_behavior](self.wm, self.act_dim, self.discrete, config, mixed16,
                                                           env_step=self.env_step)
             self.explorer.build()
-        self._train = distribute.replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
+        self._train = replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
         self._report = tf.function(self._report_step)
         self._policies = PolicyGraphs(self._policy_step)
+        self._seeds = np.random.default_rng(config.seed)  # keys of initial states made without a seed
 
     def network_variables(self) -> list:
         """The weights of the networks: world model, actor, critic and slow critic.
@@ -129,9 +130,16 @@ class Agent(tf.Module):
                                                + explorer.ac.critic.trainable_variables)
         return counts
 
-    def initial_state(self, batch: int):
+    def initial_state(self, batch: int, seed: int | None = None):
+        """The policy state at the start of episodes: (latent, previous action, key).
+
+        The latent and the action are zeros. The key (int32 [2]) seeds every random draw of the policy
+        steps that carry it forward: the same key and inputs give the same actions, in any process. It
+        comes from `seed`, else from the agent's own seed sequence, which starts at `config.seed`.
+        """
         latent = self.wm.rssm.initial(batch)
-        return latent, tf.zeros([batch, self.act_dim], tf.float32)
+        seed = int(self._seeds.integers(2**63)) if seed is None else seed
+        return latent, tf.zeros([batch, self.act_dim], tf.float32), policy_key(seed)
 
     def policy(self, obs: Mapping[str, np.ndarray], state=None, mode: str = "train"):
         """Act on a batch of observations [N, ...]; returns ({'action': [N, A]}, state).
@@ -147,37 +155,40 @@ class Agent(tf.Module):
         return {"action": action.numpy()}, state
 
     def _policy_step(self, obs, state, mode: str):
-        latent, action = state
+        latent, action, key = state
+        # Stateless draws from the carried key: reproducible across processes and graph retraces.
+        key, rssm_seed, actor_seed, noise_seed = tf.unstack(tf.random.split(key, 4))
         embed = self.wm.encoder(self.wm.preprocess(obs))
         sample = mode != "eval" or not self.eval_state_mean
-        latent, _ = self.wm.rssm.obs_step(latent, action, embed, obs["is_first"], sample)
+        latent, _ = self.wm.rssm.obs_step(latent, action, embed, obs["is_first"], sample, seed=rssm_seed)
         feat = self.wm.rssm.get_feat(latent)
         actor = self.explorer.ac.actor if mode == "explore" and self.explorer else self.ac.actor
         dist = actor(feat)
         if mode == "eval":
             action, noise = dist.mode(), self.eval_noise
         elif mode == "random" or (mode == "explore" and self.expl_behavior == "random"):
-            action, noise = self._random_action(tf.shape(feat)[0]), 0.0
+            action, noise = self._random_action(tf.shape(feat)[0], actor_seed), 0.0
         else:
-            action, noise = dist.sample(), self.expl_noise
-        action = self._add_noise(tf.cast(action, tf.float32), noise)
-        return action, (latent, action)
+            action, noise = dist.sample(seed=actor_seed), self.expl_noise
+        action = self._add_noise(tf.cast(action, tf.float32), noise, noise_seed)
+        return action, (latent, action, key)
 
-    def _random_action(self, batch) -> tf.Tensor:
+    def _random_action(self, batch, seed: tf.Tensor) -> tf.Tensor:
         if self.discrete:
-            index = tf.random.uniform([batch], 0, self.act_dim, tf.int32)
+            index = tf.random.stateless_uniform([batch], seed, 0, self.act_dim, tf.int32)
             return tf.one_hot(index, self.act_dim)
-        return tf.random.uniform([batch, self.act_dim], -1.0, 1.0)
+        return tf.random.stateless_uniform([batch, self.act_dim], seed, -1.0, 1.0)
 
-    def _add_noise(self, action: tf.Tensor, amount: float) -> tf.Tensor:
+    def _add_noise(self, action: tf.Tensor, amount: float, seed: tf.Tensor) -> tf.Tensor:
         if amount == 0:
             return action
+        first, second = tf.unstack(tf.random.split(seed, 2))
         if self.discrete:
             # With probability `amount`, a uniformly random action instead.
-            random = self._random_action(tf.shape(action)[0])
-            pick = tf.random.uniform(tf.shape(action)[:1]) < amount
+            random = self._random_action(tf.shape(action)[0], first)
+            pick = tf.random.stateless_uniform(tf.shape(action)[:1], second) < amount
             return tf.where(pick[:, None], random, action)
-        return tf.clip_by_value(action + tf.random.normal(tf.shape(action)) * amount, -1.0, 1.0)
+        return tf.clip_by_value(action + tf.random.stateless_normal(tf.shape(action), first) * amount, -1.0, 1.0)
 
     def train(self, data: Mapping[str, tf.Tensor], env_step: int | None = None, state=None):
         """One update of world model, actor and critic (unless train_behavior is off) on a batch [B, L, ...].
@@ -188,12 +199,12 @@ class Agent(tf.Module):
         sets the clock of the schedules.
 
         Under a strategy, `data` is the global batch (split evenly across replicas) or already
-        distributed (from `distribute.distribute_dataset`); metrics are means over replicas and the
+        distributed (from `loop.distribute.distribute_dataset`); metrics are means over replicas and the
         state stays per replica.
         """
         if env_step is not None:
             self.env_step.assign(int(env_step))
-        data = distribute.split_batch(self.strategy, dict(data))
+        data = split_batch(self.strategy, dict(data))
         if state is None:  # zeros shaped like a carried state, so that the step is traced once
             state = self.strategy.run(lambda part: self.wm.rssm.initial(tf.shape(part["action"])[0]), args=(data,))
         return self._train(data, state)
@@ -213,7 +224,7 @@ class Agent(tf.Module):
         """Open-loop video predictions (truth | model | error) for each video key."""
         if not self.video_keys:
             return {}
-        return self._report(dict(distribute.first_replica(self.strategy, dict(data))))
+        return self._report(dict(first_replica(self.strategy, dict(data))))
 
     def _report_step(self, data):
         return {f"openl_{key}": self.wm.video_pred(data, key) for key in self.video_keys}
@@ -222,18 +233,34 @@ class Agent(tf.Module):
 class PolicyGraphs:
     """Concrete policy graphs by mode and input signature (dtypes and shapes past the batch), traced on
     first use. Calling a concrete function skips tf.function's argument matching (0.4 ms of a 6-ms
-    step). A plain object, so that the agent's checkpoint does not track the graphs."""
+    step). A plain object, so that the agent's checkpoint does not track the graphs.
+
+    The state is (latent, action, key); every tensor but the key has a batch axis."""
 
     def __init__(self, step):
         self.step, self.graphs = step, {}
 
     def __call__(self, mode: str, obs, state):
-        key = (mode, *((t.dtype, tuple(t.shape[1:])) for t in tf.nest.flatten((obs, state))))
-        if key not in self.graphs:
+        latent, action, key = state
+        batched = (obs, (latent, action))
+        signature = (mode, *((t.dtype, tuple(t.shape[1:])) for t in tf.nest.flatten(batched)))
+        if signature not in self.graphs:
             free_batch = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
-            function = tf.function(lambda obs, state: self.step(obs, state, mode))
-            self.graphs[key] = function.get_concrete_function(*tf.nest.map_structure(free_batch, (obs, state)))
-        return self.graphs[key](obs, state)
+            function = tf.function(lambda obs, carried, key: self.step(obs, (*carried, key), mode))
+            specs = (*tf.nest.map_structure(free_batch, batched), tf.TensorSpec([2], tf.int32))
+            self.graphs[signature] = function.get_concrete_function(*specs)
+        return self.graphs[signature](obs, (latent, action), key)
+
+
+def policy_key(seed: int | tf.Tensor) -> tf.Tensor:
+    """The stateless key (int32 [2]) that an integer seed stands for: its low and high 32 bits (a counter-
+    based generator needs no scrambling of its key). Python ints wrap to 64 bits; tensors are int64."""
+    if isinstance(seed, (int, np.integer)):
+        seed = (int(seed) + 2**63) % 2**64 - 2**63
+    seed = tf.convert_to_tensor(seed, tf.int64)
+    low = tf.bitcast(tf.cast(tf.bitwise.bitwise_and(seed, 0xFFFFFFFF), tf.uint32), tf.int32)
+    high = tf.cast(tf.bitwise.right_shift(seed, 32), tf.int32)
+    return tf.stack([low, high])
 
 
 def nonfinite_variables(variables) -> list[str]:

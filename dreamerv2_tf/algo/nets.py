@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from dreamerv2_tf.algo import convs, dists
+from dreamerv2_tf.algo.obs_keys import select_keys
 from dreamerv2_tf.config import CHOICES
-from dreamerv2_tf.tools.flops import select_keys  # TF-free, so the FLOP counter shares it
 
 ACTIVATIONS = CHOICES[r".*\.act"]
 NORMS = CHOICES[r".*\.norm"]
@@ -200,32 +200,39 @@ class RSSM(keras.layers.Layer):
         return _batch_major(prior)
 
     def obs_step(self, prev_state: dict[str, tf.Tensor], prev_action: tf.Tensor, embed: tf.Tensor,
-                 is_first: tf.Tensor, sample: bool = True):
+                 is_first: tf.Tensor, sample: bool = True, seed: tf.Tensor | None = None):
+        """Posterior and prior of one step. With `seed` (a stateless seed, int32 [2]) the random draws are
+        a function of it; without, they come from TensorFlow's stateful generators."""
         # Episode starts reset the carried state and action to zeros.
         keep = 1.0 - tf.cast(is_first, tf.float32)
         prev_state = {k: v * tf.reshape(tf.cast(keep, v.dtype), [-1] + [1] * (v.shape.rank - 1))
                       for k, v in prev_state.items()}
         prev_action = prev_action * tf.cast(keep, prev_action.dtype)[:, None]
-        prior = self.img_step(prev_state, prev_action, sample)
+        prior_seed, post_seed = (None, None) if seed is None else tf.unstack(tf.random.split(seed, 2))
+        prior = self.img_step(prev_state, prev_action, sample, prior_seed)
         x = tf.concat([prior["deter"], tf.cast(embed, prior["deter"].dtype)], -1)
         stats = self._stats(self._obs_stats(self._obs_out(x)))
-        stoch = self._sample(stats, sample)
+        stoch = self._sample(stats, sample, post_seed)
         post = {"deter": prior["deter"], "stoch": stoch, **stats}
         return post, prior
 
     def img_step(self, prev_state: dict[str, tf.Tensor], prev_action: tf.Tensor,
-                 sample: bool = True) -> dict[str, tf.Tensor]:
+                 sample: bool = True, seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         dtype = self.compute_dtype
         stoch = tf.cast(prev_state["stoch"], dtype)
         stoch = tf.reshape(stoch, [-1, int(np.prod(stoch.shape[1:]))])
         x = self._img_in(tf.concat([stoch, tf.cast(prev_action, dtype)], -1))
         deter = self._cell(x, tf.cast(prev_state["deter"], dtype))
+        pick_seed, sample_seed = (None, None) if seed is None else tf.unstack(tf.random.split(seed, 2))
         if self.ensemble == 1:
             stats = self._stats(self._img_stats(self._img_out(deter)))
         else:  # every head, then one picked at random for the whole batch, as the release does
-            index = tf.random.uniform((), 0, self.ensemble, tf.int32)
+            if pick_seed is None:
+                index = tf.random.uniform((), 0, self.ensemble, tf.int32)
+            else:
+                index = tf.random.stateless_uniform((), pick_seed, 0, self.ensemble, tf.int32)
             stats = {key: tf.gather(value, index) for key, value in self.ensemble_stats(deter).items()}
-        return {"deter": deter, "stoch": self._sample(stats, sample), **stats}
+        return {"deter": deter, "stoch": self._sample(stats, sample, sample_seed), **stats}
 
     @property
     def prior_heads(self) -> list[tuple[DenseStack, keras.layers.Dense]]:
@@ -282,9 +289,9 @@ class RSSM(keras.layers.Layer):
         }[self._std_act]() + self._min_std
         return {"mean": mean, "std": std}
 
-    def _sample(self, stats: Mapping[str, tf.Tensor], sample: bool) -> tf.Tensor:
+    def _sample(self, stats: Mapping[str, tf.Tensor], sample: bool, seed: tf.Tensor | None = None) -> tf.Tensor:
         dist = self.get_dist(stats)
-        stoch = dist.sample() if sample else dist.mode()
+        stoch = dist.sample(seed=seed) if sample else dist.mode()
         return tf.cast(stoch, self.compute_dtype)
 
 

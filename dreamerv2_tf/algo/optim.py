@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from dreamerv2_tf.loop.distribute import mean_over_replicas
+from dreamerv2_tf.algo.replicas import mean_over_replicas
 
 
 class _ReducedAdam(keras.optimizers.Adam):

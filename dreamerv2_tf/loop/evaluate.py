@@ -35,21 +35,21 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
                          "in Python with dreamerv2_tf.loop.evaluate.evaluate(logdir, env_fn=...)")
 
     # Imported after the checks above, so a wrong path fails without waiting for TensorFlow.
-    from dreamerv2_tf.algo.agent import Agent, nonfinite_variables, set_precision
-    from dreamerv2_tf.loop.checkpoint import restore_weights
-    from dreamerv2_tf.loop.driver import Driver
+    import keras
 
+    from dreamerv2_tf.loop.driver import Driver
+    from dreamerv2_tf.loop.gpu_memory import configure_gpu_memory
+    from dreamerv2_tf.loop.trained import restore_agent
+
+    print(configure_gpu_memory(config.gpu_memory))
     seed = config.seed + 2 * 10**4 if seed is None else seed
-    precision = set_precision(config.precision)
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow global seeds, for whatever draws from them
     env = run_envs(config, "eval", seed, 1, env_fn)[0]
-    agent = Agent(env.obs_space, env.act_space, config, precision)
-    checkpoint = restore_weights(logdir / "checkpoints", agent)
-    # A NaN policy still plays (every action the same), and its return would look like any other score.
-    bad = nonfinite_variables(agent.network_variables())
-    if bad:
+    try:
+        agent, checkpoint = restore_agent(config, env.obs_space, env.act_space, logdir / "checkpoints")
+    except BaseException:
         env.close()
-        raise ValueError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} variables, e.g. {bad[0]}), "
-                         "so its returns would mean nothing; was it saved after the run diverged?")
+        raise
     finished, frames = [], []  # (return, length) of each finished episode
     key = next(iter(agent.video_keys), None)
 
@@ -59,10 +59,14 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         finished.append((float(np.sum(episode["reward"])), len(episode["reward"]) - 1))  # one step: Ctrl-C safe
         print(f"episode {len(finished)}: return {finished[-1][0]:.1f}, length {finished[-1][1]}", flush=True)
 
+    def policy(obs, state):
+        # The policy's own draws (sampled latents, sampled actions) follow the key made from the seed.
+        return agent.policy(obs, agent.initial_state(1, seed) if state is None else state, mode)
+
     driver = Driver([env], on_episode=[on_episode])
     interrupted = False
     try:
-        driver(lambda obs, state: agent.policy(obs, state, mode), episodes=episodes)
+        driver(policy, episodes=episodes)
     except KeyboardInterrupt:  # Ctrl-C: the episodes finished so far still make a result
         if not finished:
             raise
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", required=True, help="training logdir with config.yaml and checkpoints/")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", default=None, help="write the first episode as .mp4 or .gif")
-    parser.add_argument("--seed", type=int, default=None, help="env seed (default: training seed + 20000)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the env and of the policy's random draws (default: training seed + 20000)")
     parser.add_argument("--mode", default="eval", choices=("eval", "train"), help="eval: actor mode; train: sample")
     parser.add_argument("--out", default=None, help="JSON results path (default: LOGDIR/eval_results.json)")
     args = parser.parse_args(argv)

@@ -19,7 +19,9 @@ from dreamerv2_tf.envs.configured import CUSTOM_PREFIX, run_envs
 from dreamerv2_tf.envs.guarded import EnvFailed, guard
 from dreamerv2_tf.loop.clocks import Clock, Counter, Every, Stopwatch
 from dreamerv2_tf.loop.divergence import Diverged, DivergenceCheck
+from dreamerv2_tf.loop.gpu_memory import configure_gpu_memory
 from dreamerv2_tf.loop.logger import Logger
+from dreamerv2_tf.loop.replay_memory import report_replay_memory
 from dreamerv2_tf.loop.rundir import (
     RunError,
     check_resume,
@@ -85,6 +87,7 @@ def run(config: configlib.Config, env_fn: Callable[[], Any] | None = None) -> Pa
     configlib.validate(config)  # configs from Python (train(..., steps=-1)) are checked like CLI ones
     cluster = None
     if config.strategy != "default":
+        print(configure_gpu_memory(config.gpu_memory))  # before the strategy initialises the GPUs
         # Created before anything else touches TensorFlow: multi_worker configures the runtime.
         from dreamerv2_tf.loop.distribute import Cluster
 
@@ -153,6 +156,8 @@ class Training:
         from dreamerv2_tf.algo.agent import resolve_jit, set_precision
         from dreamerv2_tf.loop.distribute import Cluster
 
+        if cluster is None:  # (else run() configured it before creating the strategy)
+            print(configure_gpu_memory(config.gpu_memory))
         self.cluster = cluster or Cluster("default")
         if self.cluster.num_replicas > 1 or self.cluster.num_workers > 1:
             where = "" if self.cluster.is_chief else f"; this is worker {self.cluster.worker.worker_id}"
@@ -205,6 +210,7 @@ class Training:
         self.eval_replay = Replay(self.logdir / "eval_episodes", capacity=replay.capacity // 10, minlen=length,
                                   maxlen=length, seed=config.seed, load=False, signature=signature,
                                   warn_short=False)
+        print(report_replay_memory(*self.spaces, replay.capacity, self.eval_replay.capacity))
 
     def _build_agent(self) -> None:
         import tensorflow as tf
