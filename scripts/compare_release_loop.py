@@ -104,28 +104,14 @@ def chunk_features(chunks: Iterator[Mapping[str, np.ndarray]], draws: int) -> di
 # ---- the release's side -------------------------------------------------------------------------------------
 
 
-def load_release_train(path: pathlib.Path):
-    """The release's train module and `common`, patched in memory for today's libraries and a CPU."""
+def load_train(path: pathlib.Path):
+    """The release's train module and `common`, loaded for a CPU and today's libraries (release_side.py);
+    the stub agent has no videos to log."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from release_side import load_release
+    from release_side import load_release_train
 
-    _, common = load_release(path)
-    import ruamel.yaml
-    import tensorflow as tf
-
-    yaml = ruamel.yaml.YAML(typ="safe", pure=True)
-    ruamel.yaml.safe_load = lambda text: yaml.load(text)
-    ruamel.yaml.safe_dump = lambda data, stream: yaml.dump(data, stream)
-    listed = tf.config.experimental.list_physical_devices
-    tf.config.experimental.list_physical_devices = lambda kind=None: ["GPU:0"] if kind == "GPU" else listed(kind)
-    tf.config.experimental.set_memory_growth = lambda device, enable: None
-    tf.config.experimental_run_functions_eagerly = tf.config.run_functions_eagerly
+    train, common = load_release_train(path)
     common.Logger.video = lambda self, name, value: None
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("release_train", path / "dreamerv2" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     return train, common
 
 
@@ -207,7 +193,7 @@ def release_replay(common, name: str, draws: int, seed: int, directory: pathlib.
 
 
 def release_side(request: Mapping[str, Any], path: pathlib.Path) -> dict[str, Any]:
-    train, common = load_release_train(path)
+    train, common = load_train(path)
     out: dict[str, Any] = {"schedule": [], "replay": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for index, setting in enumerate(request.get("schedule", [])):

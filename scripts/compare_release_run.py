@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from compare_release import RELEASE_FIXED, SHARED, release_overrides
-from release_side import load_release, release_config
+from release_side import load_release_train, release_config
 
 from dreamerv2_tf import cli
 from dreamerv2_tf import config as configlib
@@ -185,18 +185,10 @@ class GifSafeTensorBoard:
             self._output(kept)
 
 
-def plain_safe_dump(data: Any, stream: Any) -> None:
-    """ruamel.yaml's removed `safe_dump`, for the release's Config.save: plain YAML (tuples as lists)."""
-    import ruamel.yaml
-
-    ruamel.yaml.YAML(typ="safe", pure=True).dump(json.loads(json.dumps(data)), stream)
-
-
 # The edits to the release's train.py: (its text, the replacement). Each text must occur exactly once.
 TRAIN_EDITS = (
     ("configs = yaml.safe_load((\n      pathlib.Path(sys.argv[0]).parent / 'configs.yaml').read_text())",
      "configs = {'defaults': _project_config}"),
-    ("  assert tf.config.experimental.list_physical_devices('GPU'), message\n", ""),
     ("  logger = common.Logger(step, outputs, multiplier=config.action_repeat)",
      "  logger = common.Logger(step, outputs, multiplier=1)"),
     ("      common.TensorBoardOutput(logdir),\n", "      _GifSafeTensorBoard(common.TensorBoardOutput(logdir)),\n"),
@@ -208,23 +200,6 @@ TRAIN_EDITS = (
      "  _fill_eval_replay(common, eval_replay, eval_envs, act_space, config.dataset.length)\n"
      "  print('Create agent.')\n"),
 )
-
-
-def load_train(package: pathlib.Path, names: Mapping[str, Any]):
-    """The release's train.py as a module, with TRAIN_EDITS applied and `names` in its globals."""
-    import types
-
-    path = package / "train.py"
-    source = path.read_text()
-    for before, after in TRAIN_EDITS:
-        if source.count(before) != 1:
-            raise RuntimeError(f"{path} is not the 2.2.0 release: {before.strip().splitlines()[0]!r} not found once")
-        source = source.replace(before, after)
-    module = types.ModuleType("release_train")
-    module.__file__ = str(path)
-    module.__dict__.update(names)
-    exec(compile(source, str(path), "exec"), module.__dict__)
-    return module
 
 
 def finished(logdir: pathlib.Path, steps: float) -> bool:
@@ -260,23 +235,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{logdir} already holds a finished run of {config.steps:g} agent steps")
         return
 
-    agent_module, common = load_release(args.release)
+    train, common = load_release_train(args.release, TRAIN_EDITS)
     import gym
     import numpy as np
-    import ruamel.yaml
     import tensorflow as tf
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    ruamel.yaml.safe_dump = plain_safe_dump
     random.seed(config.seed)
     np.random.seed(config.seed)
     tf.random.set_seed(config.seed)
-    names = {"_project_config": dict(release_config(common, package, overrides)),
-             "_project_env": env_maker(config, gym), "_seed_replays": seeder(config.seed),
-             "_fill_eval_replay": fill_eval_replay, "_GifSafeTensorBoard": GifSafeTensorBoard}
-    train = load_train(package, names)
+    train.__dict__.update(_project_config=dict(release_config(common, package, overrides)),
+                          _project_env=env_maker(config, gym), _seed_replays=seeder(config.seed),
+                          _fill_eval_replay=fill_eval_replay, _GifSafeTensorBoard=GifSafeTensorBoard)
     sys.argv = [str(package / "train.py")]  # its flags parser reads the command line: nothing more to set
     train.main()
     (logdir / FINISHED).write_text(json.dumps({"steps": config.steps}) + "\n")

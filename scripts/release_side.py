@@ -160,6 +160,40 @@ def load_release(path: str | os.PathLike):
     return agent, common
 
 
+# The release's train.py asserts a GPU; it trains on CPUs too. Removed from its text as it is loaded.
+GPU_ASSERT = "  assert tf.config.experimental.list_physical_devices('GPU'), message\n"
+
+
+def use_todays_libraries() -> None:
+    """What the release's train.py calls and today's libraries removed: ruamel.yaml's `safe_load` and
+    `safe_dump` (plain YAML, tuples as lists), TensorFlow's `experimental_run_functions_eagerly`."""
+    import ruamel.yaml
+    import tensorflow as tf
+
+    yaml = ruamel.yaml.YAML(typ="safe", pure=True)
+    ruamel.yaml.safe_load = yaml.load
+    ruamel.yaml.safe_dump = lambda data, stream: yaml.dump(json.loads(json.dumps(data)), stream)
+    if not hasattr(tf.config, "experimental_run_functions_eagerly"):
+        tf.config.experimental_run_functions_eagerly = tf.config.run_functions_eagerly
+
+
+def load_release_train(path: str | os.PathLike, edits: tuple = ()):
+    """The release's train.py as a module (its main() not run), without its GPU assert and with `edits`
+    ((its text, the replacement), each text found exactly once); returns (train, common)."""
+    _, common = load_release(path)
+    use_todays_libraries()
+    file = pathlib.Path(path) / "dreamerv2" / "train.py"
+    source = file.read_text()
+    for before, after in ((GPU_ASSERT, ""), *edits):
+        if source.count(before) != 1:
+            raise RuntimeError(f"{file} is not the 2.2.0 release: {before.strip().splitlines()[0]!r} not found once")
+        source = source.replace(before, after)
+    train = types.ModuleType("release_train")
+    train.__file__ = str(file)
+    exec(compile(source, str(file), "exec"), train.__dict__)
+    return train, common
+
+
 def release_config(common, package: pathlib.Path, overrides: Mapping):
     """The release's defaults with `overrides` (dotted keys) set; keys may be new (loss_scales.image)."""
     import ruamel.yaml
