@@ -164,24 +164,21 @@ def load_release(path: str | os.PathLike):
 GPU_ASSERT = "  assert tf.config.experimental.list_physical_devices('GPU'), message\n"
 
 
-def use_todays_libraries() -> None:
-    """What the release's train.py calls and today's libraries removed: ruamel.yaml's `safe_load` and
-    `safe_dump` (plain YAML, tuples as lists), TensorFlow's `experimental_run_functions_eagerly`."""
+def use_plain_yaml() -> None:
+    """ruamel.yaml 0.18 removed the `safe_load` and `safe_dump` the release's train.py calls: plain YAML
+    replacements (tuples written as lists)."""
     import ruamel.yaml
-    import tensorflow as tf
 
     yaml = ruamel.yaml.YAML(typ="safe", pure=True)
     ruamel.yaml.safe_load = yaml.load
     ruamel.yaml.safe_dump = lambda data, stream: yaml.dump(json.loads(json.dumps(data)), stream)
-    if not hasattr(tf.config, "experimental_run_functions_eagerly"):
-        tf.config.experimental_run_functions_eagerly = tf.config.run_functions_eagerly
 
 
 def load_release_train(path: str | os.PathLike, edits: tuple = ()):
     """The release's train.py as a module (its main() not run), without its GPU assert and with `edits`
     ((its text, the replacement), each text found exactly once); returns (train, common)."""
     _, common = load_release(path)
-    use_todays_libraries()
+    use_plain_yaml()
     file = pathlib.Path(path) / "dreamerv2" / "train.py"
     source = file.read_text()
     for before, after in ((GPU_ASSERT, ""), *edits):
