@@ -235,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{logdir} already holds a finished run of {config.steps:g} agent steps")
         return
 
-    train, common = load_release_train(args.release, TRAIN_EDITS)
+    try:
+        train, common = load_release_train(args.release, TRAIN_EDITS)
+    except RuntimeError as exc:  # another version of the release: its text differs where it is edited
+        cli.fail(str(exc))
     import gym
     import numpy as np
     import tensorflow as tf

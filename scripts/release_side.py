@@ -17,7 +17,6 @@ the release as it is loaded, none to the folder it is installed in:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -149,15 +148,25 @@ def load_release(path: str | os.PathLike):
         sys.modules["tensorflow.keras.mixed_precision.experimental"] = shim
     import common
 
-    source = (package / "agent.py").read_text()
-    if source.count(REINFORCE_BEFORE) != 2:
-        raise RuntimeError(f"{package / 'agent.py'} is not the 2.2.0 release: its Reinforce term was not found")
-    spec = importlib.util.spec_from_file_location("agent", package / "agent.py")
-    agent = importlib.util.module_from_spec(spec)
-    sys.modules["agent"] = agent
-    exec(compile(source.replace(REINFORCE_BEFORE, REINFORCE_AFTER), str(package / "agent.py"), "exec"),
-         agent.__dict__)
+    agent = load_edited(package / "agent.py", "agent", [(REINFORCE_BEFORE, REINFORCE_AFTER, 2)])
     return agent, common
+
+
+def load_edited(file: pathlib.Path, name: str, edits) -> types.ModuleType:
+    """`file` run as the module `name` (registered in sys.modules) after its (text, replacement, count) edits.
+    A text found other than `count` times means the file is not the 2.2.0 release: a one-line error."""
+    source = file.read_text()
+    for before, after, count in edits:
+        if source.count(before) != count:
+            first_line = before.strip().splitlines()[0]
+            times = "once" if count == 1 else f"{count} times"
+            raise RuntimeError(f"{file} is not the 2.2.0 release: {first_line!r} is not in it {times}")
+        source = source.replace(before, after)
+    module = types.ModuleType(name)
+    module.__file__ = str(file)
+    sys.modules[name] = module
+    exec(compile(source, str(file), "exec"), module.__dict__)
+    return module
 
 
 # The release's train.py asserts a GPU; it trains on CPUs too. Removed from its text as it is loaded.
@@ -180,14 +189,7 @@ def load_release_train(path: str | os.PathLike, edits: tuple = ()):
     _, common = load_release(path)
     use_plain_yaml()
     file = pathlib.Path(path) / "dreamerv2" / "train.py"
-    source = file.read_text()
-    for before, after in ((GPU_ASSERT, ""), *edits):
-        if source.count(before) != 1:
-            raise RuntimeError(f"{file} is not the 2.2.0 release: {before.strip().splitlines()[0]!r} not found once")
-        source = source.replace(before, after)
-    train = types.ModuleType("release_train")
-    train.__file__ = str(file)
-    exec(compile(source, str(file), "exec"), train.__dict__)
+    train = load_edited(file, "release_train", [(before, after, 1) for before, after in ((GPU_ASSERT, ""), *edits)])
     return train, common
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,21 @@ def test_missing_release_folder_is_one_line(tmp_path):
                              "--configs", "defaults", "vector"], capture_output=True, text=True, timeout=60, env=ENV,
                             cwd=ROOT)
     assert result.returncode == 2 and result.stderr.startswith("error: no dreamerv2 release"), result.stderr
+
+
+def test_another_release_version_is_one_line(tmp_path):
+    release = tmp_path / "release"
+    shutil.copytree(RELEASE / "dreamerv2", release / "dreamerv2")
+    train = release / "dreamerv2" / "train.py"
+    train.write_text(train.read_text().replace("list_physical_devices('GPU')", "list_physical_devices('TPU')"))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--release", str(release), "--logdir", str(tmp_path / "x"),
+                             "--configs", "defaults", "vector"], capture_output=True, text=True, timeout=120,
+                            env={**ENV, "PYTHONPATH": str(RELEASE)}, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    # TensorFlow's own start-up lines may come first; the error is one line and the last.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "is not the 2.2.0 release" in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
