@@ -39,7 +39,7 @@ CHOICES = {
     r"rssm\.std_act": ("softplus", "sigmoid", "sigmoid2"),
     r"actor\.dist": ("auto", "onehot", "trunc_normal"),
     r"replay\.sample": ("episode", "step"),
-    r"dataset\.chunks": ("stream", "fresh"),
+    r"dataset\.chunks": ("stream", "shared", "fresh"),
     r"dmc\.scalars": ("vector", "scalar"),
 }
 

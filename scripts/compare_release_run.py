@@ -69,7 +69,7 @@ RENAMED = {"size": "render_size", "dmc.camera": "dmc_camera", "atari.grayscale":
 ENV_PREFIXES = ("atari.", "dmc.", "minatar.", "train_time_limit")
 # Our keys with the one value the release's loop has.
 RELEASE_ONLY = {"deterministic": False, "from_checkpoint": "", "strategy": "default", "envs_parallel": "none",
-                "replay.sample": "episode", "replay.directory": "", "dataset.chunks": "stream"}
+                "replay.sample": "episode", "replay.directory": "", "dataset.chunks": "shared"}
 # Our keys with no effect on the release's loop: it saves variables.pkl after every eval_every block, its
 # `jit` (graph mode) is always on, the precision is float32, model_loss exploration is refused above, and
 # its train.py sets memory growth on every GPU itself.

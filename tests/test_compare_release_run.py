@@ -27,8 +27,9 @@ RELEASE = Path(os.environ.get("DREAMERV2_RELEASE", ROOT / ".release"))
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # Tiny CartPole: prefill 60 random steps, then evaluation at 60 and 160 and training to 260 agent steps
 # (the release trains in whole eval_every blocks).
-TINY = ["--configs", "defaults", "vector", "debug", "--task", "gym_CartPole-v1", "--steps", "200", "--prefill", "60",
-        "--eval_every", "100", "--log_every", "50", "--eval_eps", "2", "--threads", "1"]
+TINY = ["--configs", "defaults", "vector", "debug", "--dataset.chunks", "shared", "--task", "gym_CartPole-v1",
+        "--steps", "200", "--prefill", "60", "--eval_every", "100", "--log_every", "50", "--eval_eps", "2",
+        "--threads", "1"]
 
 
 def command(logdir: Path, *args: str) -> list[str]:
@@ -83,8 +84,10 @@ def test_tiny_cartpole_run_writes_a_logdir_plot_reads(tmp_path):
 def test_settings_the_release_loop_cannot_express_are_one_line_errors(tmp_path):
     for flag, value, words in (("--replay.sample", "step", "replay.sample 'step'"),
                                ("--envs_parallel", "process", "envs_parallel 'process'"),
-                               ("--precision", "16", "float32"), ("--rssm.gru_norm", "false", "gru_norm")):
-        result = run(tmp_path / "run", "--configs", "defaults", "vector", flag, value, timeout=60)
+                               ("--precision", "16", "float32"), ("--rssm.gru_norm", "false", "gru_norm"),
+                               ("--dataset.chunks", "stream", "dataset.chunks 'stream'")):
+        result = run(tmp_path / "run", "--configs", "defaults", "vector", "--dataset.chunks", "shared", flag, value,
+                     timeout=60)
         assert result.returncode == 2, (flag, result.stderr)
         assert result.stderr.startswith("error:") and words in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -103,7 +106,8 @@ def test_another_release_version_is_one_line(tmp_path):
     train = release / "dreamerv2" / "train.py"
     train.write_text(train.read_text().replace("list_physical_devices('GPU')", "list_physical_devices('TPU')"))
     result = subprocess.run([sys.executable, str(SCRIPT), "--release", str(release), "--logdir", str(tmp_path / "x"),
-                             "--configs", "defaults", "vector"], capture_output=True, text=True, timeout=120,
+                             "--configs", "defaults", "vector", "--dataset.chunks", "shared"], capture_output=True,
+                            text=True, timeout=120,
                             env={**ENV, "PYTHONPATH": str(RELEASE)}, cwd=ROOT)
     assert result.returncode == 2, result.stderr
     # TensorFlow's own start-up lines may come first; the error is one line and the last.

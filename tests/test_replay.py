@@ -1,6 +1,7 @@
 """Replay: episode files on disk, loading, eviction and sequence sampling."""
 
 import collections
+import itertools
 import re
 import signal
 import subprocess
@@ -125,7 +126,7 @@ def test_stream_chunks_cut_windows_and_continue_where_the_last_chunk_ended(tmp_p
     assert 0.3 < mid_window < 1  # windows of 4 cut into chunks of 7: most chunks start inside one
     fresh = replay.chunks(7, "fresh")
     assert all(next(fresh)["is_first"][0] for _ in range(30))
-    with pytest.raises(ValueError, match="chunks must be one of stream, fresh"):
+    with pytest.raises(ValueError, match="chunks must be one of stream, shared, fresh"):
         next(replay.chunks(7, "fixed"))
 
 
@@ -285,6 +286,24 @@ def test_dataset_shapes_and_dtypes(tmp_path):
     }
     assert {key: (tuple(value.shape), value.dtype.name) for key, value in batch.items()} == expected
     assert batch["is_first"].numpy()[:, 0].all()
+
+
+@pytest.mark.parametrize("chunks", ["stream", "shared"])
+def test_which_row_a_sequence_inside_a_window_continues(tmp_path, chunks):
+    """`stream`: row b continues row b of the previous batch, where the state carried into it was left.
+    `shared` (the release's): the rows take consecutive sequences of one stream, so row b continues row
+    b - 1 of the same batch, and row 0 the last row of the previous batch."""
+    replay = Replay(tmp_path, seed=2, maxlen=5)
+    for marker in range(4):
+        replay.add_episode(make_episode(8, float(marker)))
+    batches = list(itertools.islice(replay.dataset(3, 4, chunks, prefetch=False), 20))
+    vectors = [row for batch in batches for row in batch["vector"].numpy()]  # (marker, step), in sampled order
+    starts_inside = [not first for batch in batches for first in batch["is_first"].numpy()[:, 0]]
+    previous = 3 if chunks == "stream" else 1
+    inside = [i for i in range(previous, len(vectors)) if starts_inside[i]]
+    assert len(inside) > 10  # windows of 5 cut into sequences of 4
+    for i in inside:  # the same episode, one step on from where the previous sequence of its stream ended
+        np.testing.assert_array_equal(vectors[i][0], vectors[i - previous][-1] + [0, 1])
 
 
 def test_bad_arguments_and_episodes_raise_value_errors(tmp_path):

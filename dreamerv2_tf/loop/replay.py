@@ -170,10 +170,10 @@ class Replay:
     def chunks(self, length: int, mode: str = "stream") -> Iterator[Episode]:
         """Endless sequences of exactly `length` steps cut from windows (`sample_window`).
 
-        `stream` (the release's): windows follow each other and are cut into chunks wherever the
-        length falls, so a chunk may begin inside a window with is_first False; the model then
-        continues from the state the previous chunk of this stream ended in. `fresh`: every chunk
-        starts with a new window and the rest of the window that ends it is dropped.
+        `stream` and `shared` (the release's cut): windows follow each other and are cut into chunks
+        wherever the length falls, so a chunk may begin inside a window with is_first False; the model
+        then continues from the state the previous chunk of this stream ended in. `fresh`: every
+        chunk starts with a new window and the rest of the window that ends it is dropped.
         """
         if length < 1:
             raise ValueError(f"chunk length must be positive, got {length}")
@@ -195,6 +195,8 @@ class Replay:
     def dataset(self, batch: int, length: int, chunks: str = "stream", prefetch: bool = True, turns: int = 1):
         """tf.data.Dataset of dicts [batch, length, ...]; row b of every batch continues stream b
         (see `chunks`), so a state carried from one batch to the next belongs to the same row.
+        `shared` is the release's dataset: the rows take consecutive chunks of one stream, so the
+        state carried into row b was left by another part of the stream.
 
         With `turns` > 1 the batches take turns between that many groups of streams: under
         tf.distribute the replicas of a worker take consecutive batches, so each replica keeps
@@ -213,7 +215,10 @@ class Replay:
                 signature.items()}
 
         def generate() -> Iterator[Episode]:
-            groups = [[self.chunks(length, chunks) for _ in range(batch)] for _ in range(turns)]
+            if chunks == "shared":  # one generator, asked once per row
+                groups = [[self.chunks(length, chunks)] * batch for _ in range(turns)]
+            else:
+                groups = [[self.chunks(length, chunks) for _ in range(batch)] for _ in range(turns)]
             while True:
                 for streams in groups:
                     rows = [next(stream) for stream in streams]
