@@ -32,15 +32,17 @@ TINY = ["--configs", "defaults", "vector", "debug", "--dataset.chunks", "shared"
         "--threads", "1"]
 
 
-def command(logdir: Path, *args: str) -> list[str]:
-    if not (RELEASE / "dreamerv2" / "train.py").exists():
-        pytest.fail(f"the authors' release is not installed in {RELEASE}: run scripts/setup.sh, or pip install "
-                    f"--no-deps --target {RELEASE} -r requirements-release.txt, or set DREAMERV2_RELEASE")
-    return [sys.executable, str(SCRIPT), "--release", str(RELEASE), "--logdir", str(logdir), *args]
+def command(logdir: Path, *args: str, release: Path = RELEASE) -> list[str]:
+    if not (release / "dreamerv2" / "train.py").exists():
+        pytest.fail(f"the authors' release is not installed in {release}: run scripts/setup.sh, or pip install "
+                    f"--no-deps --target {release} -r requirements-release.txt, or set DREAMERV2_RELEASE")
+    return [sys.executable, str(SCRIPT), "--release", str(release), "--logdir", str(logdir), *args]
 
 
-def run(logdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(logdir, *args), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+def run(logdir: Path, *args: str, timeout: int = 300, release: Path = RELEASE,
+        env: dict = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(command(logdir, *args, release=release), capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
 
 
 def lines(logdir: Path) -> list[dict]:
@@ -105,10 +107,9 @@ def test_another_release_version_is_one_line(tmp_path):
     shutil.copytree(RELEASE / "dreamerv2", release / "dreamerv2")
     train = release / "dreamerv2" / "train.py"
     train.write_text(train.read_text().replace("list_physical_devices('GPU')", "list_physical_devices('TPU')"))
-    result = subprocess.run([sys.executable, str(SCRIPT), "--release", str(release), "--logdir", str(tmp_path / "x"),
-                             "--configs", "defaults", "vector", "--dataset.chunks", "shared"], capture_output=True,
-                            text=True, timeout=120,
-                            env={**ENV, "PYTHONPATH": str(RELEASE)}, cwd=ROOT)
+    # The copy holds only the package: its dependencies come from the installed release.
+    result = run(tmp_path / "x", "--configs", "defaults", "vector", "--dataset.chunks", "shared", timeout=120,
+                 release=release, env={**ENV, "PYTHONPATH": str(RELEASE)})
     assert result.returncode == 2, result.stderr
     # TensorFlow's own start-up lines may come first; the error is one line and the last.
     last = result.stderr.strip().splitlines()[-1]
