@@ -122,3 +122,76 @@ def test_signal_during_prefill_or_pretraining_saves_and_exits(tmp_path, phase, s
 
         reader = tf.train.load_checkpoint(str(logdir / "checkpoints" / f"ckpt-{stopped}"))
         assert 1 <= reader.get_tensor("agent/step/.ATTRIBUTES/VARIABLE_VALUE") < 10**4
+
+
+# The main thread never sees a signal that another thread's handler call leaves pending, unless it asks: here
+# SIGINT reaches a thread that sits in a C read() without the GIL (as TensorFlow's threads do), and SA_RESTART
+# keeps that thread in the kernel, so nothing wakes the main thread. CPython 3.11 on Linux then sets no flag
+# for the main thread's eval loop, the state in which eval.py on process envs lost Ctrl-C for good.
+UNSEEN_SIGNAL = """
+import ctypes, os, signal, sys, threading
+import numpy as np
+from gymnasium import spaces
+from dreamerv2_tf.loop.driver import Driver
+from dreamerv2_tf.loop.stop import Stop
+
+class Env:
+    obs_space = {"x": spaces.Box(-1, 1, (1,), np.float32), "reward": spaces.Box(-1, 1, (), np.float32),
+                 "is_first": spaces.Box(0, 1, (), bool), "is_last": spaces.Box(0, 1, (), bool),
+                 "is_terminal": spaces.Box(0, 1, (), bool)}
+    act_space = {"action": spaces.Discrete(2)}
+
+    def reset(self):
+        self.t = 0
+        return {"x": np.zeros(1, np.float32), "reward": np.float32(0), "is_first": True, "is_last": False,
+                "is_terminal": False}
+
+    def step(self, action):
+        self.t += 1
+        return {"x": np.zeros(1, np.float32), "reward": np.float32(0), "is_first": False,
+                "is_last": self.t == 10, "is_terminal": False}
+
+libc = ctypes.CDLL(None, use_errno=True)
+read_end, _ = os.pipe()
+
+def receiver():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    libc.read(read_end, ctypes.create_string_buffer(1), 1)
+
+with Stop() as stop:
+    if sys.argv[1] == "driver":  # eval.py's case: KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.siginterrupt(signal.SIGINT, False)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # only the receiver takes SIGINT
+    threading.Thread(target=receiver, daemon=True).start()
+    driver = Driver([Env()])
+    # Nothing in the loop may check for signals itself: no printing, no NumPy random draws.
+    policy = lambda obs, state: ({"action": np.eye(2, dtype=np.float32)[:1]}, state)
+    print("looping", flush=True)
+    try:
+        driver(policy, steps=10**9, until=lambda: stop.requested)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", flush=True)
+    print(f"stopped after {driver.steps} steps, requested {stop.requested}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["driver", "stop"])
+def test_a_signal_that_another_thread_receives_still_stops_the_loop(tmp_path, handler):
+    script = tmp_path / "unseen.py"
+    script.write_text(textwrap.dedent(UNSEEN_SIGNAL))
+    process = subprocess.Popen([sys.executable, str(script), handler], stdout=subprocess.PIPE, text=True, env=ENV,
+                               cwd=ROOT)
+    assert process.stdout.readline().strip() == "looping"
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the loop went on for 120 s after SIGINT")
+    assert process.returncode == 0
+    if handler == "driver":
+        assert "KeyboardInterrupt" in out
+    else:  # the run's handler: the stop flag, and no exception
+        assert "KeyboardInterrupt" not in out and "requested True" in out

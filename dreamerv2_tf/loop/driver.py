@@ -24,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from dreamerv2_tf.envs.base import zero_action
+from dreamerv2_tf.loop.stop import run_signal_handlers
 
 Policy = Callable[[dict[str, np.ndarray], Any], tuple[Mapping[str, Any], Any]]
 Callback = Callable[[dict[str, np.ndarray], int], Any]
@@ -71,6 +72,7 @@ class Driver:
         done_steps = done_episodes = 0
         count = len(self.envs)
         while (done_steps < steps or done_episodes < episodes) and not (until and until()):
+            run_signal_handlers()  # Ctrl-C (KeyboardInterrupt) takes effect at the next step
             self._reset_finished()
             batch = {key: np.stack([obs[key] for obs in self._obs]) for key in self._obs[0]}
             with self._time("policy"):

@@ -5,6 +5,19 @@ from __future__ import annotations
 import signal
 
 
+def run_signal_handlers() -> None:
+    """Run the Python handlers of signals that have arrived, now, in this (the main) thread.
+
+    CPython 3.11 on Linux can leave a signal unhandled for seconds or for good while the main thread
+    calls into native code (TensorFlow) and other Python threads (executor and tf.data threads) take
+    the GIL in between: one of them clears the interpreter's "handle pending signals" flag, which only
+    the main thread may act on. pthread_sigmask with an empty set changes nothing, but afterwards checks
+    for pending signals and runs their handlers, so loops call this once per step.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+
 class Aborted(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: the run ends at once, without saving (exit status 128 + signal number).
 
@@ -24,8 +37,13 @@ class Stop:
     """
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        run_signal_handlers()  # a signal that arrived meanwhile counts at once
+        return self._requested
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -40,11 +58,11 @@ class Stop:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal aborts at once
+        if self._requested:  # a second signal aborts at once
             raise Aborted(signum)
         print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving, exiting",
               flush=True)
-        self.requested = True
+        self._requested = True
 
 
-__all__ = ["Aborted", "Stop"]
+__all__ = ["Aborted", "Stop", "run_signal_handlers"]
