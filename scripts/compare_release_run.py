@@ -240,21 +240,33 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as exc:  # another version of the release: its text differs where it is edited
         cli.fail(str(exc))
     import gym
-    import numpy as np
     import tensorflow as tf
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    tf.random.set_seed(config.seed)
+    seed_release(config.seed)
     train.__dict__.update(_project_config=dict(release_config(common, package, overrides)),
                           _project_env=env_maker(config, gym), _seed_replays=seeder(config.seed),
                           _fill_eval_replay=fill_eval_replay, _GifSafeTensorBoard=GifSafeTensorBoard)
     sys.argv = [str(package / "train.py")]  # its flags parser reads the command line: nothing more to set
     train.main()
     (logdir / FINISHED).write_text(json.dumps({"steps": config.steps}) + "\n")
+
+
+def seed_release(seed: int) -> None:
+    """Seed Python's and NumPy's generators for the release, and not TensorFlow's.
+
+    With a global TensorFlow seed, every copy of a random op inside the release's nested tf.functions (its
+    RSSM's obs_step and img_step, called once per step) gets the same op seed, so all steps of a sequence
+    would draw their latents from the same random numbers. Unseeded, as the release leaves it, the draws
+    are independent; the release's weights and draws then differ from run to run, its replays' sampling
+    (`seeder`) does not.
+    """
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 if __name__ == "__main__":

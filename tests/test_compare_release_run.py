@@ -151,3 +151,36 @@ def test_the_seed_fixes_the_random_prefill(tmp_path):
     assert len(first) > 4
     assert prefill_returns("b", "5") == first
     assert prefill_returns("c", "6") != first
+
+
+# The release's RSSM with zero weights, after compare_release_run's seeding: every step's logits are uniform,
+# so independent latents agree with the first step's only by chance (1/8 of the cells).
+LATENT_DRAWS = """
+import sys
+import numpy as np
+sys.path.insert(0, "scripts")
+import release_side
+_, common = release_side.load_release(sys.argv[1])
+import compare_release_run
+compare_release_run.seed_release(0)
+import tensorflow as tf
+rssm = common.EnsembleRSSM(ensemble=1, stoch=4, deter=8, hidden=8, discrete=8)
+embed, action = tf.random.normal([3, 12, 5]), tf.one_hot(tf.zeros([3, 12], tf.int32), 2)
+observe = tf.function(lambda: rssm.observe(embed, action, tf.zeros([3, 12], bool))[0])
+observe()
+for variable in rssm.variables:
+    variable.assign(tf.zeros_like(variable))
+post = observe()
+assert np.all(post["logit"].numpy() == 0)
+classes = tf.argmax(post["stoch"], -1).numpy()
+print(np.mean(classes[:, 1:] == classes[:, :1]))
+"""
+
+
+def test_the_release_draws_each_steps_latents_afresh(tmp_path):
+    # A global TensorFlow seed would give every step of the release's sequences the same random numbers.
+    command(tmp_path)  # fails when the release is missing
+    done = subprocess.run([sys.executable, "-c", LATENT_DRAWS, str(RELEASE)], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 0.4
