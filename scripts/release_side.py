@@ -103,16 +103,22 @@ def replace_sampling_by_modes() -> None:
     for cls in (tfd.Normal, tfd.TruncatedNormal):
         cls._sample_n = mode_sample
 
-    # The ensemble prior picks its head by a scalar integer draw, the same call in both codebases:
+    # The ensemble prior picks its head by a scalar integer draw (the release's stateful, ours stateless):
     # it becomes the last head, so the heads beyond the first are exercised.
-    uniform = tf.random.uniform
+    uniform, stateless_uniform = tf.random.uniform, tf.random.stateless_uniform
 
     def last_of_scalar_int(shape, minval=0, maxval=None, dtype=tf.float32, seed=None, name=None):
         if dtype.is_integer and maxval is not None and tuple(shape) == ():
             return tf.constant(maxval - 1, dtype)
         return uniform(shape, minval, maxval, dtype, seed, name)
 
+    def stateless_last_of_scalar_int(shape, seed, minval=0, maxval=None, dtype=tf.float32, **kwargs):
+        if tf.as_dtype(dtype).is_integer and maxval is not None and tuple(shape) == ():
+            return tf.constant(maxval - 1, dtype)
+        return stateless_uniform(shape, seed, minval, maxval, dtype, **kwargs)
+
     tf.random.uniform = last_of_scalar_int
+    tf.random.stateless_uniform = stateless_last_of_scalar_int
 
 
 def gradients(tape, loss, variables: list, scale: float) -> list:

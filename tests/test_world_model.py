@@ -128,6 +128,27 @@ def test_observe_resets_state_on_is_first():
     np.testing.assert_allclose(post["logit"][:, 3].numpy(), post_fresh["logit"][:, 0].numpy(), rtol=1e-6)
 
 
+def test_scans_in_one_graph_draw_independent_latents():
+    # Every scan body is a graph of its own, and TensorFlow seeds a stateful random op from its place in its
+    # graph: without seeds from outside, two scans in one train step (the posterior's in observe, the
+    # prior's in imagination) would repeat each other's draws.
+    keras.utils.set_random_seed(0)
+    rssm = nets.RSSM(stoch=8, deter=8, hidden=8, discrete=16)
+    embed, action = rssm_inputs()
+    is_first = tf.constant([[True] + [False] * 5] * 2)
+    uniform = {"deter": tf.zeros([2, 8]), "logit": tf.zeros([2, 8, 16]), "stoch": tf.zeros([2, 8, 16])}
+
+    @tf.function
+    def twice():
+        posts = [rssm.observe(embed, action, is_first)[0]["stoch"] for _ in range(2)]
+        priors = [rssm.imagine(action, uniform)["stoch"] for _ in range(2)]
+        return posts, priors
+
+    for first, second in twice():
+        classes = [tf.argmax(draws, -1).numpy() for draws in (first, second)]
+        assert np.mean(classes[0] == classes[1]) < 0.3  # 1/16 expected by chance
+
+
 def test_obs_step_reset_matches_a_fresh_sequence_on_the_mode_path():
     keras.utils.set_random_seed(1)
     rssm = nets.RSSM(stoch=3, deter=8, hidden=8, discrete=4)

@@ -185,18 +185,18 @@ class RSSM(keras.layers.Layer):
             state = self.initial(tf.shape(action)[0])
 
         def step(carry, inputs):
-            return self.obs_step(carry[0], *inputs)
+            *inputs, seed = inputs
+            return self.obs_step(carry[0], *inputs, seed=seed)
 
-        inputs = (_time_major(action), _time_major(embed), _time_major(is_first))
-        # One iteration at a time: the samplers' seed ops do not depend on the carried state, so parallel
-        # iterations would draw them in a timing-dependent order and break reproducibility.
+        inputs = (_time_major(action), _time_major(embed), _time_major(is_first), step_seeds(tf.shape(action)[1]))
         post, prior = tf.scan(step, inputs, (state, state), parallel_iterations=1)
         return _batch_major(post), _batch_major(prior)
 
     def imagine(self, action: tf.Tensor, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Prior states for an action sequence [B, T, A] from a start state [B, ...]."""
-        prior = tf.scan(lambda prev, act: self.img_step(prev, act), _time_major(action), state,
-                        parallel_iterations=1)  # reproducible sampling, see observe()
+        inputs = (_time_major(action), step_seeds(tf.shape(action)[1]))
+        prior = tf.scan(lambda prev, inputs: self.img_step(prev, inputs[0], seed=inputs[1]), inputs, state,
+                        parallel_iterations=1)
         return _batch_major(prior)
 
     def obs_step(self, prev_state: dict[str, tf.Tensor], prev_action: tf.Tensor, embed: tf.Tensor,
@@ -293,6 +293,17 @@ class RSSM(keras.layers.Layer):
         dist = self.get_dist(stats)
         stoch = dist.sample(seed=seed) if sample else dist.mode()
         return tf.cast(stoch, self.compute_dtype)
+
+
+def step_seeds(steps: tf.Tensor) -> tf.Tensor:
+    """One stateless seed (int32 [2]) per step of a scan, drawn fresh on every call.
+
+    The draws inside a scan take these seeds instead of their own stateful seed ops: TensorFlow seeds
+    such ops from their position in the graph that holds them, and every scan body is a graph of its own,
+    so the draws of different scans (the posterior's in observe, the prior's in imagination) would repeat
+    each other's numbers.
+    """
+    return tf.random.uniform([steps, 2], tf.int32.min, tf.int32.max, tf.int32)
 
 
 def _time_major(x: tf.Tensor) -> tf.Tensor:

@@ -125,13 +125,14 @@ class WorldModel(tf.Module):
         start["feat"] = self.rssm.get_feat(start)
         start["action"] = tf.zeros_like(policy(start["feat"]).mode())
 
-        def step(prev, _):
+        def step(prev, seed):
+            action_seed, state_seed = tf.unstack(tf.random.split(seed, 2))
             state = {k: v for k, v in prev.items() if k not in ("feat", "action")}
-            action = policy(tf.stop_gradient(prev["feat"])).sample()
-            state = self.rssm.img_step(state, action)
+            action = policy(tf.stop_gradient(prev["feat"])).sample(seed=action_seed)
+            state = self.rssm.img_step(state, action, seed=state_seed)
             return {**state, "feat": self.rssm.get_feat(state), "action": action}
 
-        seq = tf.scan(step, tf.range(horizon), start, parallel_iterations=1)  # reproducible sampling (RSSM.observe)
+        seq = tf.scan(step, nets.step_seeds(horizon), start, parallel_iterations=1)
         seq = {k: tf.concat([start[k][None], v], 0) for k, v in seq.items()}
         if "discount" in self.heads:
             disc = self.heads["discount"](seq["feat"]).mean()
