@@ -127,7 +127,7 @@ def test_signal_during_prefill_or_pretraining_saves_and_exits(tmp_path, phase, s
 # The main thread never sees a signal that another thread's handler call leaves pending, unless it asks: here
 # SIGINT reaches a thread that sits in a C read() without the GIL (as TensorFlow's threads do), and SA_RESTART
 # keeps that thread in the kernel, so nothing wakes the main thread. CPython 3.11 on Linux then sets no flag
-# for the main thread's eval loop, the state in which eval.py on process envs lost Ctrl-C for good.
+# for the main thread's eval loop, and the signal stays pending until the loop asks for it.
 UNSEEN_SIGNAL = """
 import ctypes, os, signal, sys, threading
 import numpy as np
