@@ -61,11 +61,15 @@ class Result:
 class Run:
     """A script in the background, its output in files (so it can be polled without pipe deadlocks)."""
 
-    def __init__(self, cmd: list[str], workdir: Path, name: str, env: dict | None = None):
+    def __init__(self, cmd: list[str], workdir: Path, name: str, env: dict | None = None,
+                 sigint_ignored: bool = False):
+        """`sigint_ignored`: start it with SIGINT ignored, as a job started with `&` from a script is."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or ENV, cwd=ROOT)
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or ENV, cwd=ROOT,
+                                            preexec_fn=ignore)
         self.pid = self.process.pid
 
     def alive(self) -> bool:

@@ -1,6 +1,6 @@
 """Faults around the envs, done for real on tiny CartPole runs of the `debug` config: an env worker process
 killed with -9, the trainer killed with -9 under its env workers, an env that raises mid-episode (from
-scripts/train.py and from `dreamerv2_tf.train`), and Ctrl-C in scripts/eval.py after some episodes.
+scripts/train.py and from `dreamerv2_tf.train`), and Ctrl-C or SIGTERM in scripts/eval.py after some episodes.
 
 The runs start together in one module fixture (each costs ~20 s of TensorFlow start-up and tracing);
 the tests read their results. Helpers come from test_faults.py.
@@ -117,9 +117,9 @@ def wait_until(condition, run: Run, what: str, timeout: float = TIMEOUT) -> None
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """W: one of two env worker processes killed with -9 during training, then eval.py on W's logdir
-    interrupted with SIGINT after some episodes. K: the trainer killed with -9 under its env workers.
-    E: scripts/train.py on a registered gymnasium env that raises mid-episode. P: the same through
-    `dreamerv2_tf.train(env_fn)`."""
+    interrupted with SIGINT (and once with SIGTERM) after some episodes. K: the trainer killed with -9
+    under its env workers. E: scripts/train.py on a registered gymnasium env that raises mid-episode.
+    P: the same through `dreamerv2_tf.train(env_fn)`."""
     base = tmp_path_factory.mktemp("env_faults")
     modules = base / "modules"
     modules.mkdir()
@@ -150,13 +150,22 @@ def runs(tmp_path_factory):
     out["W"] = w.result()
     out["W_gone"] = gone(children, 30)
 
-    # eval.py on W's logdir, interrupted after three episodes.
+    # eval.py on W's logdir, interrupted after three episodes. It starts with SIGINT ignored, as a job
+    # started with `&` from a script inherits it; Python then raises no KeyboardInterrupt, so eval.py
+    # must install its own handler (it played on for good without one).
+    # A second one, stopped by SIGTERM (as a scheduler does), writes its results elsewhere.
     out["eval_out"] = logdirs["W"] / "eval_results.json"
-    evaluation = Run([sys.executable, str(SCRIPTS / "eval.py"), "--logdir", str(logdirs["W"]), "--episodes",
-                      str(10**6)], base, "eval")
-    evaluation.wait_for("episode 3:")
-    evaluation.process.send_signal(signal.SIGINT)
-    out["eval"] = evaluation.result()
+    out["eval_term_out"] = base / "eval_term.json"
+    evaluations = {
+        "eval": Run([sys.executable, str(SCRIPTS / "eval.py"), "--logdir", str(logdirs["W"]), "--episodes",
+                     str(10**6)], base, "eval", sigint_ignored=True),
+        "eval_term": Run([sys.executable, str(SCRIPTS / "eval.py"), "--logdir", str(logdirs["W"]), "--episodes",
+                          str(10**6), "--out", str(out["eval_term_out"])], base, "eval_term")}
+    for evaluation, sig in zip(evaluations.values(), (signal.SIGINT, signal.SIGTERM), strict=True):
+        evaluation.wait_for("episode 3:")
+        evaluation.process.send_signal(sig)
+    for name, evaluation in evaluations.items():
+        out[name] = evaluation.result()
     out["E"], out["P"] = e.result(), p.result()
     return out
 
@@ -205,14 +214,15 @@ def test_an_env_raising_in_the_python_api_saves_then_reraises_its_own_exception(
     assert checkpoints(logdir)[-1] == step and lock_record(logdir) == {}
 
 
-def test_ctrl_c_in_eval_writes_and_prints_the_finished_episodes(runs):
-    result = runs["eval"]
-    assert result.returncode == 128 + signal.SIGINT, result.stderr
-    saved = json.loads(runs["eval_out"].read_text())
+@pytest.mark.parametrize("name, sig", [("eval", signal.SIGINT), ("eval_term", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_in_eval_writes_and_prints_the_finished_episodes(runs, name, sig):
+    result, path = runs[name], runs[f"{name}_out"]
+    assert result.returncode == 128 + sig, result.stderr
+    saved = json.loads(path.read_text())
     count = saved["episodes"]
     assert count >= 3 and len(saved["returns"]) == len(saved["lengths"]) == count
-    assert saved["interrupted"] is True and saved["requested"] == 10**6
+    assert saved["interrupted"] is True and saved["requested"] == 10**6 and saved["signal"] == sig.name
     assert saved["mean"] == pytest.approx(np.mean(saved["returns"]))
-    assert error_line(result) == (f"error: interrupted (SIGINT) after {count} of {10**6} episodes; their results are "
-                                  f"above and in {runs['eval_out']}")
+    assert error_line(result) == (f"error: interrupted ({sig.name}) after {count} of {10**6} episodes; their results "
+                                  f"are above and in {path}")
     assert f"return mean {saved['mean']:.2f}" in result.stdout and f"over {count} episodes" in result.stdout

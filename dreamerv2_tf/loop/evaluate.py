@@ -22,8 +22,9 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
              mode: str = "eval", env_fn: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run `episodes` episodes of the run in `logdir`; returns summary statistics and per-episode returns.
 
-    Runs trained with `dreamerv2_tf.train(env_fn)` need the same `env_fn` here. Ctrl-C after an episode
-    finished ends early: the result covers the finished episodes and has `interrupted` and `requested`.
+    Runs trained with `dreamerv2_tf.train(env_fn)` need the same `env_fn` here. SIGINT (Ctrl-C) or SIGTERM
+    after an episode finished ends early: the result covers the finished episodes and has `interrupted`,
+    `requested` and `signal`.
     """
     logdir = Path(logdir).expanduser()
     config = configlib.load_run(logdir)
@@ -39,6 +40,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
 
     from dreamerv2_tf.loop.driver import Driver
     from dreamerv2_tf.loop.gpu_memory import configure_gpu_memory
+    from dreamerv2_tf.loop.stop import Aborted, Stop
     from dreamerv2_tf.loop.trained import restore_agent
 
     print(configure_gpu_memory(config.gpu_memory))
@@ -64,15 +66,18 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         return agent.policy(obs, agent.initial_state(1, seed) if state is None else state, mode)
 
     driver = Driver([env], on_episode=[on_episode])
-    interrupted = False
-    try:
-        driver(policy, episodes=episodes)
-    except KeyboardInterrupt:  # Ctrl-C: the episodes finished so far still make a result
-        if not finished:
-            raise
-        interrupted = True
-    finally:
-        env.close()
+    # Ctrl-C (or SIGTERM) ends the episode loop after the current step: the episodes finished so far
+    # still make a result. A second signal mid-step raises Aborted.
+    with Stop("writing the results of the finished episodes") as stop:
+        try:
+            driver(policy, episodes=episodes, until=lambda: stop.requested)
+        except KeyboardInterrupt:
+            if not finished:
+                raise
+        finally:
+            env.close()
+    if stop.signum is not None and not finished:
+        raise Aborted(stop.signum)
     returns, lengths = [item[0] for item in finished], [item[1] for item in finished]
     result = {
         "logdir": str(logdir), "checkpoint": checkpoint, "task": config.task, "episodes": len(returns),
@@ -80,8 +85,8 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         "min": float(np.min(returns)), "max": float(np.max(returns)),
         "returns": returns, "lengths": lengths,
     }
-    if interrupted:
-        result.update(interrupted=True, requested=episodes)
+    if stop.signum is not None:
+        result.update(interrupted=True, requested=episodes, signal=signal.Signals(stop.signum).name)
     if video:
         if not frames:
             raise ValueError(f"--video needs an image observation; {config.task} has none in log_keys_video")
@@ -144,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
         cli.fail(str(exc))
-    except KeyboardInterrupt:
-        cli.fail("interrupted (SIGINT); no results written", 128 + signal.SIGINT)
+    except KeyboardInterrupt as exc:  # before the first episode finished
+        signum = getattr(exc, "signum", signal.SIGINT)
+        cli.fail(f"interrupted ({signal.Signals(signum).name}); no results written", 128 + signum)
     try:
         out.write_text(json.dumps(result, indent=1))
     except OSError as exc:  # e.g. the disk filled up meanwhile: keep the results on stdout
@@ -154,6 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"return mean {result['mean']:.2f} std {result['std']:.2f} min {result['min']:.2f} "
           f"max {result['max']:.2f} over {result['episodes']} episodes; results in {out}")
     if result.get("interrupted"):
-        cli.fail(f"interrupted (SIGINT) after {result['episodes']} of {result['requested']} episodes; their "
-                 f"results are above and in {out}", 128 + signal.SIGINT)
+        cli.fail(f"interrupted ({result['signal']}) after {result['episodes']} of {result['requested']} episodes; "
+                 f"their results are above and in {out}", 128 + signal.Signals[result["signal"]])
     sys.exit(0)

@@ -31,14 +31,18 @@ class Aborted(KeyboardInterrupt):
 
 
 class Stop:
-    """Turns SIGINT/SIGTERM into a flag: the loop finishes its update, saves and exits 0.
+    """Turns SIGINT/SIGTERM into a flag: the loop finishes its step, then `then` (saves) and exits.
 
     A second signal raises Aborted: the user (or the scheduler) does not want to wait for the save.
+    The handlers are installed even where the signals were inherited as ignored (a job started with
+    `&` from a script), so that `kill -INT` always reaches the loop.
     """
 
-    def __init__(self):
+    def __init__(self, then: str = "saving"):
         self._requested = False
         self._previous = {}
+        self._then = then
+        self.signum: int | None = None  # the first signal received
 
     @property
     def requested(self) -> bool:
@@ -60,8 +64,9 @@ class Stop:
     def _handle(self, signum, frame):
         if self._requested:  # a second signal aborts at once
             raise Aborted(signum)
-        print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving, exiting",
+        print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, {self._then}, exiting",
               flush=True)
+        self.signum = signum
         self._requested = True
 
 
