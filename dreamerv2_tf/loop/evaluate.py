@@ -40,7 +40,7 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
 
     from dreamerv2_tf.loop.driver import Driver
     from dreamerv2_tf.loop.gpu_memory import configure_gpu_memory
-    from dreamerv2_tf.loop.stop import Aborted, Stop
+    from dreamerv2_tf.loop.stop import Stop
     from dreamerv2_tf.loop.trained import restore_agent
 
     print(configure_gpu_memory(config.gpu_memory))
@@ -77,7 +77,9 @@ def evaluate(logdir: str | Path, episodes: int = 10, video: str | Path | None = 
         finally:
             env.close()
     if stop.signum is not None and not finished:
-        raise Aborted(stop.signum)
+        interrupt = KeyboardInterrupt(f"{signal.Signals(stop.signum).name} before the first episode finished")
+        interrupt.signum = stop.signum  # for the exit status
+        raise interrupt
     returns, lengths = [item[0] for item in finished], [item[1] for item in finished]
     result = {
         "logdir": str(logdir), "checkpoint": checkpoint, "task": config.task, "episodes": len(returns),
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(args.logdir, args.episodes, args.video, args.seed, args.mode)
     except (configlib.ConfigError, FileNotFoundError, ValueError) as exc:
         cli.fail(str(exc))
-    except KeyboardInterrupt as exc:  # before the first episode finished
+    except KeyboardInterrupt as exc:  # before the first episode finished, or a second signal (Aborted)
         signum = getattr(exc, "signum", signal.SIGINT)
         cli.fail(f"interrupted ({signal.Signals(signum).name}); no results written", 128 + signum)
     try:
