@@ -107,7 +107,7 @@ class Agent(tf.Module):
                                                           env_step=self.env_step)
             self.explorer.build()
         self._train = replicated(self._train_step, self.strategy, jit=resolve_jit(config.jit))
-        self._report = tf.function(self._report_step)
+        self._report = tf.function(self._report_step, autograph=False)
         self._policies = PolicyGraphs(self._policy_step)
         self._seeds = np.random.default_rng(config.seed)  # keys of initial states made without a seed
 
@@ -246,7 +246,7 @@ class PolicyGraphs:
         signature = (mode, *((t.dtype, tuple(t.shape[1:])) for t in tf.nest.flatten(batched)))
         if signature not in self.graphs:
             free_batch = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
-            function = tf.function(lambda obs, carried, key: self.step(obs, (*carried, key), mode))
+            function = tf.function(lambda obs, carried, key: self.step(obs, (*carried, key), mode), autograph=False)
             specs = (*tf.nest.map_structure(free_batch, batched), tf.TensorSpec([2], tf.int32))
             self.graphs[signature] = function.get_concrete_function(*specs)
         return self.graphs[signature](obs, (latent, action), key)

@@ -129,13 +129,15 @@ def replicated(fn: Callable[..., tuple[Mapping[str, tf.Tensor], Any]], strategy:
     replica function cannot contain.
     """
     strategy = strategy or tf.distribute.get_strategy()
+    # The steps write their loops as tf.scan and branch on Python settings only, so AutoGraph's conversion
+    # of their source (autograph=False skips it) would only add tracing time to every process.
     if not is_distributed(strategy):
-        return tf.function(fn, jit_compile=jit, reduce_retracing=True)
+        return tf.function(fn, jit_compile=jit, reduce_retracing=True, autograph=False)
     all_gpus = all("GPU" in device.upper() for device in strategy.extended.worker_devices)
     if jit and not all_gpus:
         warnings.warn("jit is ignored for the distributed train step on non-GPU devices "
                       "(XLA-compiled replica functions need all replicas on GPUs)", RuntimeWarning, stacklevel=2)
-    replica_fn = tf.function(fn, jit_compile=True) if jit and all_gpus else fn
+    replica_fn = tf.function(fn, jit_compile=True, autograph=False) if jit and all_gpus else fn
 
     def step(*args):
         with warnings.catch_warnings():
@@ -146,7 +148,7 @@ def replicated(fn: Callable[..., tuple[Mapping[str, tf.Tensor], Any]], strategy:
         return {key: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
                 for key, value in metrics.items()}, state
 
-    return tf.function(step, reduce_retracing=True)
+    return tf.function(step, reduce_retracing=True, autograph=False)
 
 
 __all__ = ["is_distributed", "per_replica_batch", "split_batch", "first_replica", "mean_over_replicas", "replicated"]
