@@ -2,13 +2,16 @@
 
 The full check (`--configs defaults vector --steps 100000`, eval return >= 450) is in
 the README; this short version uses a smaller batch and more frequent updates so it
-finishes in under 3 minutes on 2 CPU cores. `--deterministic true` makes the run the
-same on every run on a given machine, so the test does not depend on a lucky draw.
+finishes in under 3 minutes on 2 CPU cores; being that long, it is opt-in (`pytest -m slow`).
+`--deterministic true` makes the run the same on every run on a given machine, so the test does not
+depend on a lucky draw.
 """
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dreamerv2_tf.loop.logger import read_metrics
 
@@ -22,6 +25,7 @@ SHORT_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_short_cartpole_run_beats_random_policy(tmp_path):
     logdir = tmp_path / "cartpole"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *SHORT_RUN, "--logdir", str(logdir)],
